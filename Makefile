@@ -1,0 +1,43 @@
+# Every target sets itself up: a fresh machine needs only Python 3.11+ and a C compiler.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.h') setup.py pyproject.toml
+
+.PHONY: all venv build test torture bench demo clean lint
+
+all: test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "setuptools>=77" "Cython>=3.1" wheel
+
+# The package is installed (not editable): tests import the built wheel's contents, not src/.
+$(STAMP): $(VENV)/bin/python $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation ".[test]"
+	touch $(STAMP)
+
+venv build: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# The long crash and soak runs (marked `torture`; skipped unless PMQ_TORTURE=1).
+torture: $(STAMP)
+	PMQ_TORTURE=1 $(PY) -m pytest -q -m torture tests
+
+bench: $(STAMP)
+	$(PY) bench/report.py
+
+demo: $(STAMP)
+	$(PY) bench/demo_journal.py
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff mypy
+	$(PY) -m ruff check src tests bench
+	$(PY) -m mypy src/pmq
+
+clean:
+	rm -rf build dist $(VENV) src/pmq/_journal.c src/pmq/*.so *.egg-info src/*.egg-info

@@ -1,0 +1,1191 @@
+# cython: language_level=3, embedsignature=True
+"""pmq's write-ahead log: segments of checksummed frames, group commit, recovery.
+
+Owns: the bytes of docs/FORMAT.md, sequence numbers, group commit and durability, recovery,
+and deleting or copying what the layer above says it no longer needs. Must not: know what a
+record means (calls, queues and peers belong to pmq.store).
+
+Invariants (docs/journal.md explains them for users):
+1. Nobody is told `seq` is durable before an fsync that covers its frame has returned, and the
+   segment's name was fsynced into its directory before anything in it was acknowledged.
+2. A frame's durable_seq claim never exceeds what an fsync had completed when it was written:
+   the leader reads durable_seq before it writes, and a roll fsyncs the old segment first.
+3. Frames are written only by the leader (the one thread holding `_leader`), at `_write_off`,
+   in the active segment; the pending buffer only ever holds frames that fit in it.
+4. The mutex is never held while the GIL is being acquired: threads holding the GIL may block
+   on the mutex, and the mutex holder never needs the GIL, so neither can deadlock.
+5. After a failed write or fsync the journal is failed for good: no fsync is retried.
+"""
+
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+import asyncio
+import bisect
+import struct
+import logging
+import mmap
+import threading
+import time
+from typing import NamedTuple
+
+from pmq.errors import JournalCorruption, JournalError, JournalFailed, JournalLocked, StorageFull
+
+cdef extern from "_platform.h" nogil:
+    ctypedef struct pmq_mutex_t:
+        pass
+    ctypedef struct pmq_cond_t:
+        pass
+    void pmq_mutex_init(pmq_mutex_t* m)
+    void pmq_mutex_destroy(pmq_mutex_t* m)
+    void pmq_mutex_lock(pmq_mutex_t* m)
+    void pmq_mutex_unlock(pmq_mutex_t* m)
+    void pmq_cond_init(pmq_cond_t* c)
+    void pmq_cond_destroy(pmq_cond_t* c)
+    void pmq_cond_wait(pmq_cond_t* c, pmq_mutex_t* m)
+    void pmq_cond_broadcast(pmq_cond_t* c)
+    int64_t pmq_pwrite(int fd, const void* buf, size_t n, int64_t off)
+    int pmq_datasync(int fd)
+    int pmq_errno()
+    uint64_t pmq_load_u64(const unsigned char* p)
+    uint32_t pmq_load_u32(const unsigned char* p)
+    uint16_t pmq_load_u16(const unsigned char* p)
+    void pmq_store_u64(unsigned char* p, uint64_t v)
+    void pmq_store_u32(unsigned char* p, uint32_t v)
+    void pmq_store_u16(unsigned char* p, uint16_t v)
+    int EINTR
+
+cdef extern from "xxhash.h" nogil:
+    ctypedef unsigned long long XXH64_hash_t
+    XXH64_hash_t XXH3_64bits_withSeed(const void* data, size_t length, XXH64_hash_t seed)
+
+log = logging.getLogger("pmq.journal")
+
+# docs/FORMAT.md constants.
+DEF SEGMENT_HEADER = 4096
+DEF FRAME_HEADER = 32
+DEF RECORD_HEADER = 8
+DEF FRAME_VERSION = 1
+DEF FLAG_CONTROL = 1
+DEF REC_DATA = 1
+DEF REC_SEAL = 2
+DEF REC_LOWWATER = 3
+DEF REC_CLOSE = 4
+DEF SEAL_RESERVE = 64                 # room every segment keeps for its SEAL frame (48 bytes)
+DEF FORMAT_VERSION = 1
+DEF FRAME_TARGET_BYTES = 1048576      # appends share a frame until it reaches this size
+DEF PENDING_WRITE_BYTES = 4194304     # an append past this much pending data writes it out
+DEF MAX_FRAME_LIMIT = 16777216
+
+MAGIC = b"PMQJRNL\0"
+SEGMENT_HEADER_BYTES = SEGMENT_HEADER
+FRAME_HEADER_BYTES = FRAME_HEADER
+RECORD_HEADER_BYTES = RECORD_HEADER
+DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+MIN_SEGMENT_BYTES = 64 * 1024
+MAX_SEGMENT_BYTES = 1024 * 1024 * 1024
+_DURABILITY = ("always", "interval", "never")
+_PREALLOC = ("zero", "allocate", "none")
+
+# The fault hook (docs/journal.md "Test hook"): plain C globals, one compare per syscall.
+DEF FAULT_WRITE = 1
+DEF FAULT_SYNC = 2
+DEF FAULT_PREPARE = 3
+cdef int _fault_op = 0
+cdef long _fault_countdown = 0
+cdef int _fault_errno = 0
+cdef long _fault_short = 0
+
+cdef int _fault_fires(int op) noexcept nogil:
+    global _fault_countdown
+    if _fault_op != op:
+        return 0
+    if _fault_countdown > 1:
+        _fault_countdown -= 1
+        return 0
+    _fault_countdown = 0
+    return 1
+
+
+def _set_fault(str op, long countdown, int errno, long short_bytes=0):
+    """Make the `countdown`-th next `op` ("write", "sync", "prepare") and every one after it fail
+    with `errno` until _clear_faults(); a failing write first writes `short_bytes` bytes."""
+    global _fault_op, _fault_countdown, _fault_errno, _fault_short
+    ops = {"write": FAULT_WRITE, "sync": FAULT_SYNC, "prepare": FAULT_PREPARE}
+    if op not in ops:
+        raise ValueError(f"unknown fault op {op!r}; expected one of {sorted(ops)}")
+    if countdown < 1:
+        raise ValueError("countdown must be at least 1")
+    _fault_op, _fault_countdown, _fault_errno, _fault_short = ops[op], countdown, errno, short_bytes
+
+
+def _clear_faults():
+    global _fault_op, _fault_countdown, _fault_errno, _fault_short
+    _fault_op = _fault_countdown = _fault_errno = _fault_short = 0
+
+
+include "_journal_scan.pxi"
+include "_journal_files.pxi"
+include "_journal_recovery.pxi"
+
+
+class SegmentInfo(NamedTuple):
+    path: str
+    base_seq: int
+    end_seq: int
+    size_bytes: int
+    active: bool
+
+
+class SalvagedRange(NamedTuple):
+    path: str
+    offset: int
+    first_seq: int
+    last_seq: int
+
+
+cdef void _resolve_futures(list futures, object error) noexcept:
+    for fut in futures:
+        if not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+
+
+def _resolve_batch(list futures, object error):
+    _resolve_futures(futures, error)
+
+
+cdef class Journal:
+    """A segmented write-ahead log with group commit; see docs/journal.md.
+
+    Args:
+        directory: the journal's directory; created if missing.
+        segment_bytes: size of each segment file (at least 64 KiB).
+        durability: "always" (sync returns after fsync), "interval" (fsync every `interval_ms`)
+            or "never" (fsync only on roll and close; tests and benchmarks).
+        interval_ms: the background fsync period with "interval".
+        prealloc: how spare segments are prepared: "zero", "allocate" or "none".
+        max_frame_bytes: the largest frame (one payload, or one append_many batch, must fit).
+        on_corruption: "raise" (default) or "salvage" (skip damaged frames, list them in
+            `salvaged`).
+
+    Raises:
+        JournalLocked: the directory is open elsewhere.
+        JournalCorruption: recovery found damage a crash cannot explain.
+        StorageFull: there is no room for the first segment.
+    """
+
+    cdef pmq_mutex_t _mu
+    cdef pmq_cond_t _cv
+    cdef bint _sync_ready
+    cdef unsigned char* _pend          # frames appended since the last swap (mutex)
+    cdef size_t _pend_len, _pend_cap
+    cdef unsigned char* _wbuf           # the buffer the leader is writing (leader only)
+    cdef size_t _wbuf_cap
+    cdef Py_ssize_t _frame_off          # offset in _pend of the open frame, -1 if none
+    cdef uint32_t _frame_count
+    cdef int _frame_kind
+    cdef int64_t _frame_first
+    cdef int64_t _next_seq, _written_seq, _durable_seq
+    cdef int64_t _seg_used, _seg_limit, _seg_half
+    cdef int64_t _write_off             # leader only
+    cdef int _fd                        # leader only
+    cdef uint64_t _salt                 # leader only
+    cdef bint _leader, _failed, _closed, _unsynced, _want_durable, _spare_asked
+    cdef int _fail_errno, _fail_op
+    cdef int64_t _async_target
+    cdef size_t _max_frame, _frame_target
+    cdef uint64_t _st_records, _st_written, _st_frames, _st_flushes, _st_fsyncs, _st_bytes
+
+    cdef readonly str directory
+    cdef readonly bytes journal_id
+    cdef readonly str durability
+    cdef readonly str prealloc
+    cdef readonly Py_ssize_t segment_bytes
+    cdef readonly Py_ssize_t max_frame_bytes
+    cdef readonly Py_ssize_t max_payload_bytes
+    cdef readonly list salvaged
+    cdef int64_t _floor
+    cdef list _segments                 # [[base, path]], oldest first; the last is active
+    cdef dict _skips                    # path -> {bad offset: (resume offset, resume seq)}
+    cdef object _lock
+    cdef object _spare_cond, _spare, _spare_thread
+    cdef list _async_waiters
+    cdef object _async_thread, _interval_thread, _stop_event
+    cdef double _interval_s
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self._fd = -1
+        self._frame_off = -1
+        pmq_mutex_init(&self._mu)
+        pmq_cond_init(&self._cv)
+        self._sync_ready = True
+
+    def __init__(self, directory, *, Py_ssize_t segment_bytes=DEFAULT_SEGMENT_BYTES,
+                 str durability="always", double interval_ms=50.0, prealloc=None,
+                 max_frame_bytes=None, str on_corruption="raise"):
+        if durability not in _DURABILITY:
+            raise ValueError(f"durability must be one of {_DURABILITY}, not {durability!r}")
+        if prealloc is None:
+            prealloc = default_prealloc(durability)
+        if prealloc not in _PREALLOC:
+            raise ValueError(f"prealloc must be one of {_PREALLOC}, not {prealloc!r}")
+        if on_corruption not in ("raise", "salvage"):
+            raise ValueError(f"on_corruption must be 'raise' or 'salvage', not {on_corruption!r}")
+        if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES or segment_bytes % 8:
+            raise ValueError(
+                f"segment_bytes must be a multiple of 8 from {MIN_SEGMENT_BYTES} to "
+                f"{MAX_SEGMENT_BYTES}, not {segment_bytes}"
+            )
+        room = (segment_bytes - SEGMENT_HEADER - SEAL_RESERVE) // 2 & ~7
+        if max_frame_bytes is None:
+            max_frame_bytes = min(MAX_FRAME_LIMIT, room)
+        if not 4096 <= max_frame_bytes <= min(MAX_FRAME_LIMIT, room):
+            raise ValueError(
+                f"max_frame_bytes must be from 4096 to {min(MAX_FRAME_LIMIT, room)} "
+                f"(half a segment, at most 16 MiB), not {max_frame_bytes}"
+            )
+        if interval_ms <= 0:
+            raise ValueError(f"interval_ms must be positive, not {interval_ms}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.durability = durability
+        self.prealloc = prealloc
+        self.segment_bytes = segment_bytes
+        self.max_frame_bytes = max_frame_bytes
+        self.max_payload_bytes = max_frame_bytes - FRAME_HEADER - RECORD_HEADER
+        self._max_frame = max_frame_bytes
+        self._frame_target = min(FRAME_TARGET_BYTES, max_frame_bytes)
+        self._seg_limit = segment_bytes - SEAL_RESERVE
+        self._seg_half = segment_bytes // 2
+        self._want_durable = durability == "always"
+        self._interval_s = interval_ms / 1000.0
+        self.salvaged = []
+        self._skips = {}
+        self._async_waiters = []
+        self._spare_cond = threading.Condition()
+        self._pend_cap = self._wbuf_cap = 1 << 16
+        self._pend = <unsigned char*>malloc(self._pend_cap)
+        self._wbuf = <unsigned char*>malloc(self._wbuf_cap)
+        if self._pend == NULL or self._wbuf == NULL:
+            raise MemoryError()
+        self._open(on_corruption == "salvage")
+        if durability == "interval":
+            self._stop_event = threading.Event()
+            self._interval_thread = threading.Thread(
+                target=self._interval_loop, name="pmq-journal-interval", daemon=True)
+            self._interval_thread.start()
+
+    def __dealloc__(self):
+        if self._fd >= 0 and not self._closed:
+            os.close(self._fd)     # no CLOSE frame: a journal not closed looks like a crash
+        free(self._pend)
+        free(self._wbuf)
+        if self._sync_ready:
+            pmq_cond_destroy(&self._cv)
+            pmq_mutex_destroy(&self._mu)
+
+    # ---- opening -------------------------------------------------------------------------
+
+    def _open(self, bint salvage):
+        created = not os.path.isdir(self.directory)
+        os.makedirs(self.directory, exist_ok=True)
+        if created:
+            fsync_directory(os.path.dirname(self.directory) or ".")   # the new directory's name
+        self._lock = _Lock(self.directory)
+        try:
+            state = recover(self.directory, self._max_frame, salvage)
+            if state is None:
+                self._create_first_segment()
+            else:
+                self._adopt(state)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _create_first_segment(self):
+        self.journal_id = os.urandom(16)
+        self._floor = 1
+        self._segments = []
+        self._install_segment(self._take_spare(), 1, 0)
+        self._next_seq = 1
+        self._written_seq = self._durable_seq = 0
+
+    def _adopt(self, state):
+        self.journal_id = state.journal_id
+        self._floor = state.floor
+        self._segments = [[base, path] for base, path in state.segments]
+        self._skips = state.skips
+        self.salvaged = [SalvagedRange(*r) for r in state.salvaged]
+        fd = os.open(state.segments[-1][1], os.O_RDWR | _O_BINARY)
+        self._fd = fd
+        self._salt = state.salt
+        self._write_off = self._seg_used = state.end_offset
+        self._next_seq = state.next_seq
+        self._written_seq = self._durable_seq = state.next_seq - 1
+
+    def _install_segment(self, str spare, int64_t base, int64_t prev_base):
+        """Publish a prepared spare as segment `base` and make it the active one."""
+        cdef uint64_t salt = int.from_bytes(os.urandom(8), "little")
+        header = build_segment_header(self.journal_id, salt, base, prev_base, self._floor,
+                                      time.time_ns())
+        fd = os.open(spare, os.O_RDWR | _O_BINARY)
+        try:
+            _pwrite_all(fd, header, 0)
+            # A named segment must have a durable header (FORMAT.md invariant): fsync before rename.
+            self._fsync_checked(fd)
+        finally:
+            os.close(fd)
+        path = os.path.join(self.directory, segment_name(base))
+        os.replace(spare, path)
+        # Until the directory is fsynced a crash may forget the new name; nothing in the
+        # segment is acknowledged before this returns, so losing it loses nothing.
+        fsync_directory(self.directory)
+        fd = os.open(path, os.O_RDWR | _O_BINARY)
+        pmq_mutex_lock(&self._mu)
+        self._fd = fd
+        self._salt = salt
+        self._write_off = SEGMENT_HEADER
+        self._seg_used = SEGMENT_HEADER + self._pend_len
+        self._spare_asked = False
+        pmq_mutex_unlock(&self._mu)
+        self._segments.append([base, path])
+
+    cdef int _fsync_checked(self, int fd) except -1:
+        cdef int rc, err = 0
+        with nogil:
+            rc = self._datasync(fd, &err)
+        if rc != 0:
+            raise OSError(err, os.strerror(err))
+        return 0
+
+    # ---- spares --------------------------------------------------------------------------
+
+    def _take_spare(self):
+        with self._spare_cond:
+            while self._spare_thread is not None:
+                self._spare_cond.wait()
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            return spare
+        return prepare_spare(self.directory, self.segment_bytes, self.prealloc)
+
+    def _ask_for_spare(self):
+        with self._spare_cond:
+            if self._spare is not None or self._spare_thread is not None or self._closed:
+                return
+            self._spare_thread = threading.Thread(
+                target=self._prepare_spare_in_background, name="pmq-journal-spare", daemon=True)
+            self._spare_thread.start()
+
+    def _prepare_spare_in_background(self):
+        try:
+            spare = prepare_spare(self.directory, self.segment_bytes, self.prealloc)
+        except JournalError as exc:
+            spare = None    # the roll that needs it prepares one itself and reports the error
+            log.debug("preparing a spare segment in %s failed: %s", self.directory, exc)
+        with self._spare_cond:
+            self._spare = spare
+            self._spare_thread = None
+            self._spare_cond.notify_all()
+
+    # ---- the leader ----------------------------------------------------------------------
+
+    cdef int _datasync(self, int fd, int* err) noexcept nogil:
+        if _fault_fires(FAULT_SYNC):
+            err[0] = _fault_errno
+            return -1
+        if pmq_datasync(fd) != 0:
+            err[0] = pmq_errno()
+            return -1
+        return 0
+
+    cdef int _write_all(self, const unsigned char* buf, size_t n, int64_t off, int* err) noexcept nogil:
+        global _fault_short
+        cdef int64_t w
+        while n > 0:
+            if _fault_fires(FAULT_WRITE):
+                if _fault_short > 0:
+                    w = pmq_pwrite(self._fd, buf, min(<size_t>_fault_short, n), off)
+                    _fault_short = 0
+                    if w > 0:
+                        buf += w
+                        n -= <size_t>w
+                        off += w
+                        continue
+                err[0] = _fault_errno
+                return -1
+            w = pmq_pwrite(self._fd, buf, n, off)
+            if w < 0:
+                if pmq_errno() == EINTR:
+                    continue
+                err[0] = pmq_errno()
+                return -1
+            buf += w
+            n -= <size_t>w
+            off += w
+        return 0
+
+    cdef void _close_frame(self) noexcept nogil:
+        """Finish the open frame's header and pad it (mutex held)."""
+        cdef unsigned char* p
+        cdef size_t padded
+        if self._frame_off < 0:
+            return
+        p = self._pend + self._frame_off
+        pmq_store_u32(p + 8, <uint32_t>(self._pend_len - self._frame_off))
+        pmq_store_u16(p + 12, <uint16_t>self._frame_count)
+        p[14] = FRAME_VERSION
+        p[15] = FLAG_CONTROL if self._frame_kind else 0
+        pmq_store_u64(p + 16, <uint64_t>self._frame_first)
+        padded = <size_t>_align8(self._pend_len)
+        memset(self._pend + self._pend_len, 0, padded - self._pend_len)
+        self._seg_used += <int64_t>(padded - self._pend_len)
+        self._pend_len = padded
+        self._frame_off = -1
+
+    cdef int _lead_flush(self, bint durable) noexcept nogil:
+        """Write everything pending, then fsync if `durable` (leadership held, mutex not)."""
+        cdef unsigned char* buf
+        cdef size_t n, cap, off = 0, flen
+        cdef int64_t upto, claim
+        cdef int err = 0, op = 0
+        cdef uint64_t frames = 0, records = 0
+        cdef bint synced = False
+        pmq_mutex_lock(&self._mu)
+        self._close_frame()
+        buf = self._pend
+        n = self._pend_len
+        cap = self._pend_cap
+        self._pend = self._wbuf
+        self._pend_cap = self._wbuf_cap
+        self._pend_len = 0
+        self._wbuf = buf
+        self._wbuf_cap = cap
+        upto = self._next_seq - 1
+        claim = self._durable_seq
+        pmq_mutex_unlock(&self._mu)
+        if n > 0:
+            while off < n:
+                flen = pmq_load_u32(buf + off + 8)
+                pmq_store_u64(buf + off + 24, <uint64_t>claim)
+                pmq_store_u64(buf + off, _frame_checksum(buf + off, flen, self._salt))
+                if (buf[off + 15] & FLAG_CONTROL) == 0:
+                    records += pmq_load_u16(buf + off + 12)
+                frames += 1
+                off += <size_t>_align8(flen)
+            if self._write_all(buf, n, self._write_off, &err) != 0:
+                op = FAULT_WRITE
+            else:
+                self._write_off += <int64_t>n
+        if op == 0 and durable and (n > 0 or self._unsynced):
+            if self._datasync(self._fd, &err) != 0:
+                op = FAULT_SYNC
+            else:
+                synced = True
+        pmq_mutex_lock(&self._mu)
+        if op != 0:
+            self._fail(op, err)
+        else:
+            self._written_seq = upto
+            if synced:
+                self._durable_seq = upto
+                self._unsynced = False
+                self._st_fsyncs += 1
+            elif n > 0:
+                self._unsynced = True
+            if n > 0:
+                self._st_flushes += 1
+                self._st_frames += frames
+                self._st_written += records
+                self._st_bytes += n
+        pmq_mutex_unlock(&self._mu)
+        return -1 if op != 0 else 0
+
+    cdef void _fail(self, int op, int err) noexcept nogil:
+        """Mark the journal failed for good (mutex held) and wake every waiter."""
+        if not self._failed:
+            self._failed = True
+            self._fail_op = op
+            self._fail_errno = err
+        pmq_cond_broadcast(&self._cv)
+
+    cdef int _acquire_leadership(self) noexcept nogil:
+        pmq_mutex_lock(&self._mu)
+        while self._leader and not self._failed:
+            pmq_cond_wait(&self._cv, &self._mu)
+        if self._failed:
+            pmq_mutex_unlock(&self._mu)
+            return -1
+        self._leader = True
+        pmq_mutex_unlock(&self._mu)
+        return 0
+
+    cdef void _release_leadership(self) noexcept nogil:
+        pmq_mutex_lock(&self._mu)
+        self._leader = False
+        pmq_cond_broadcast(&self._cv)
+        pmq_mutex_unlock(&self._mu)
+
+    cdef int _wait_for(self, int64_t seq, bint durable) noexcept nogil:
+        """Return once `seq` is durable (or written); lead a flush when nobody else is."""
+        cdef int64_t level
+        pmq_mutex_lock(&self._mu)
+        while True:
+            if self._failed:
+                pmq_mutex_unlock(&self._mu)
+                return -1
+            level = self._durable_seq if durable else self._written_seq
+            if level >= seq:
+                pmq_mutex_unlock(&self._mu)
+                return 0
+            if not self._leader:
+                self._leader = True
+                pmq_mutex_unlock(&self._mu)
+                self._lead_flush(durable)
+                pmq_mutex_lock(&self._mu)
+                self._leader = False
+                pmq_cond_broadcast(&self._cv)
+                continue
+            pmq_cond_wait(&self._cv, &self._mu)
+
+    cdef int _flush_now(self, bint durable) except -1:
+        """Write (and fsync) whatever is pending, including control frames that take no seq."""
+        cdef int rc
+        with nogil:
+            rc = self._acquire_leadership()
+            if rc == 0:
+                rc = self._lead_flush(durable)
+                self._release_leadership()
+        if rc != 0:
+            self._raise_unusable()
+        return 0
+
+    def _raise_unusable(self):
+        if self._failed:
+            what = {FAULT_WRITE: "a write", FAULT_SYNC: "an fsync"}.get(self._fail_op, "a file operation")
+            raise JournalFailed(
+                f"journal {self.directory} failed: {what} returned "
+                f"{os.strerror(self._fail_errno) if self._fail_errno else 'an error'}; it accepts "
+                "nothing more (fsync is never retried). Everything acknowledged before is on disk: "
+                "close the journal and open it again to recover."
+            )
+        if self._closed:
+            raise ValueError(f"I/O operation on closed journal {self.directory}")
+
+
+    # ---- appending -----------------------------------------------------------------------
+
+    @property
+    def next_seq(self):
+        """The seq the next data record will get."""
+        return self._next_seq
+
+    @property
+    def written_seq(self):
+        """The highest seq handed to the OS (survives a killed process)."""
+        return self._written_seq
+
+    @property
+    def durable_seq(self):
+        """The highest seq covered by a completed fsync (survives a power cut)."""
+        return self._durable_seq
+
+    @property
+    def floor(self):
+        """Records below this seq were released and are never replayed."""
+        return self._floor
+
+    @property
+    def closed(self):
+        return self._closed
+
+    @property
+    def failed(self):
+        return self._failed
+
+    cdef int _grow(self, size_t need) noexcept nogil:
+        cdef size_t cap = self._pend_cap
+        cdef unsigned char* grown
+        while cap < need:
+            cap *= 2
+        grown = <unsigned char*>realloc(self._pend, cap)
+        if grown == NULL:
+            return -1
+        self._pend = grown
+        self._pend_cap = cap
+        return 0
+
+    cdef void _start_frame(self, bint control) noexcept nogil:
+        self._frame_off = <Py_ssize_t>self._pend_len
+        memset(self._pend + self._pend_len, 0, FRAME_HEADER)
+        self._frame_first = self._next_seq
+        self._frame_kind = control
+        self._frame_count = 0
+        self._pend_len += FRAME_HEADER
+        self._seg_used += FRAME_HEADER
+
+    cdef void _put_record(self, const unsigned char* data, size_t n, int rtype) noexcept nogil:
+        cdef unsigned char* p = self._pend + self._pend_len
+        pmq_store_u32(p, <uint32_t>n)
+        p[4] = <unsigned char>rtype
+        p[5] = 0
+        pmq_store_u16(p + 6, 0)
+        if n:
+            memcpy(p + RECORD_HEADER, data, n)
+        self._pend_len += RECORD_HEADER + n
+        self._seg_used += <int64_t>(RECORD_HEADER + n)
+        self._frame_count += 1
+
+    cdef int64_t _append_record(self, const unsigned char* data, Py_ssize_t n, int rtype) except -1:
+        cdef bint control = rtype != REC_DATA
+        cdef bint join, ask, big
+        cdef Py_ssize_t need
+        cdef int64_t seq
+        if n > self.max_payload_bytes:
+            raise ValueError(
+                f"payload of {n} bytes is over the journal's limit of {self.max_payload_bytes} "
+                f"bytes (max_payload_bytes)")
+        while True:
+            pmq_mutex_lock(&self._mu)
+            if self._failed or self._closed:
+                pmq_mutex_unlock(&self._mu)
+                self._raise_unusable()
+            join = (self._frame_off >= 0 and self._frame_kind == control
+                    and self._frame_count < 65535
+                    and <size_t>(self._pend_len - self._frame_off + RECORD_HEADER + n) <= self._frame_target)
+            if join:
+                need = RECORD_HEADER + n + 7
+            else:
+                need = _align8(self._pend_len) - self._pend_len + FRAME_HEADER + RECORD_HEADER + n + 7
+            if self._seg_used + need > self._seg_limit:
+                pmq_mutex_unlock(&self._mu)
+                self._roll_for(need)
+                continue
+            if self._pend_len + need + 8 > self._pend_cap and self._grow(self._pend_len + need + 8) != 0:
+                pmq_mutex_unlock(&self._mu)
+                raise MemoryError()
+            if not join:
+                self._close_frame()
+                self._start_frame(control)
+            self._put_record(data, n, rtype)
+            seq = self._next_seq
+            if not control:
+                self._next_seq += 1
+                self._st_records += 1
+            big = self._pend_len >= PENDING_WRITE_BYTES and not self._leader
+            ask = not self._spare_asked and self._seg_used > self._seg_half
+            if ask:
+                self._spare_asked = True
+            pmq_mutex_unlock(&self._mu)
+            break
+        if ask:
+            self._ask_for_spare()
+        if big:
+            self._write_pending()
+        return seq
+
+    def append(self, payload):
+        """Append one record; return its seq. Buffered: call sync(seq) to wait for durability.
+
+        Raises:
+            TypeError: `payload` is not bytes-like.
+            ValueError: it is over `max_payload_bytes`, or the journal is closed.
+            StorageFull: the record needs a new segment and there is no room for one.
+            JournalFailed: an earlier write or fsync failed.
+        """
+        cdef Py_buffer view
+        if PyBytes_CheckExact(payload):
+            return self._append_record(<const unsigned char*>PyBytes_AS_STRING(payload),
+                                       PyBytes_GET_SIZE(payload), REC_DATA)
+        if isinstance(payload, str) or not PyObject_CheckBuffer(payload):
+            raise TypeError(f"payload must be bytes-like, not {type(payload).__name__}")
+        PyObject_GetBuffer(payload, &view, PyBUF_SIMPLE)
+        try:
+            return self._append_record(<const unsigned char*>view.buf, view.len, REC_DATA)
+        finally:
+            PyBuffer_Release(&view)
+
+    def append_many(self, payloads):
+        """Append records in one frame (all of them survive a crash, or none); return the last seq.
+
+        Raises:
+            TypeError: an item is not bytes-like.
+            ValueError: no payloads, more than 65535, or together over `max_frame_bytes`.
+            StorageFull, JournalFailed: as for append().
+        """
+        cdef list items = []
+        cdef Py_ssize_t total = FRAME_HEADER, need, i
+        cdef int64_t last
+        cdef bytes item
+        for i, payload in enumerate(payloads):
+            if not PyBytes_CheckExact(payload):
+                if isinstance(payload, str) or not PyObject_CheckBuffer(payload):
+                    raise TypeError(
+                        f"payloads[{i}] must be bytes-like, not {type(payload).__name__}")
+                payload = bytes(payload)
+            items.append(payload)
+            total += RECORD_HEADER + PyBytes_GET_SIZE(payload)
+        if not items:
+            raise ValueError("append_many needs at least one payload")
+        if len(items) > 65535:
+            raise ValueError(f"append_many takes at most 65535 payloads in one frame, not {len(items)}")
+        if total > self.max_frame_bytes:
+            raise ValueError(
+                f"append_many of {len(items)} payloads needs a {total}-byte frame, over the "
+                f"journal's max_frame_bytes of {self.max_frame_bytes}")
+        while True:
+            pmq_mutex_lock(&self._mu)
+            if self._failed or self._closed:
+                pmq_mutex_unlock(&self._mu)
+                self._raise_unusable()
+            need = _align8(self._pend_len) - self._pend_len + total + 7
+            if self._seg_used + need > self._seg_limit:
+                pmq_mutex_unlock(&self._mu)
+                self._roll_for(need)
+                continue
+            if self._pend_len + need + 8 > self._pend_cap and self._grow(self._pend_len + need + 8) != 0:
+                pmq_mutex_unlock(&self._mu)
+                raise MemoryError()
+            self._close_frame()
+            self._start_frame(False)
+            for item in items:
+                self._put_record(<const unsigned char*>PyBytes_AS_STRING(item),
+                                 PyBytes_GET_SIZE(item), REC_DATA)
+            self._close_frame()
+            self._next_seq += len(items)
+            self._st_records += len(items)
+            last = self._next_seq - 1
+            pmq_mutex_unlock(&self._mu)
+            return last
+
+    cdef void _write_pending(self):
+        """Hand a large pending buffer to the OS if nobody is leading (bounds memory)."""
+        with nogil:
+            pmq_mutex_lock(&self._mu)
+            if self._leader or self._failed:
+                pmq_mutex_unlock(&self._mu)
+            else:
+                self._leader = True
+                pmq_mutex_unlock(&self._mu)
+                self._lead_flush(False)
+                self._release_leadership()
+
+    cdef int _roll_for(self, Py_ssize_t need) except -1:
+        """Become leader and start a new segment unless someone already made room."""
+        cdef int rc
+        cdef bint fits
+        with nogil:
+            rc = self._acquire_leadership()
+        if rc != 0:
+            self._raise_unusable()
+        try:
+            pmq_mutex_lock(&self._mu)
+            fits = self._seg_used + need <= self._seg_limit
+            pmq_mutex_unlock(&self._mu)
+            if fits:
+                return 0
+            with nogil:
+                rc = self._lead_flush(False)
+            if rc != 0:
+                self._raise_unusable()
+            self._roll()
+        finally:
+            with nogil:
+                self._release_leadership()
+        return 0
+
+    def _roll(self):
+        """Seal the active segment and publish the next one (docs/FORMAT.md; leadership held).
+
+        Order, and the crash each step survives: (1) fsync the old segment, so nothing in it can
+        be torn once a successor exists; (2) fsync the new segment's header, rename it into place,
+        fsync the directory; (3) write and fsync SEAL in the old segment. A crash between 2 and 3
+        leaves an unsealed segment and an empty successor, which recovery seals.
+        """
+        cdef int64_t new_base, claim, seal_off
+        cdef uint64_t old_salt = self._salt
+        old_fd = self._fd
+        old_base = self._segments[-1][0]
+        try:
+            self._fsync_checked(old_fd)
+        except OSError as exc:
+            self._fail_from(FAULT_SYNC, exc)
+        pmq_mutex_lock(&self._mu)
+        self._durable_seq = self._written_seq
+        self._unsynced = False
+        self._st_fsyncs += 1
+        new_base = self._written_seq + 1
+        claim = self._durable_seq
+        seal_off = self._write_off
+        pmq_cond_broadcast(&self._cv)
+        pmq_mutex_unlock(&self._mu)
+        spare = self._take_spare()        # StorageFull leaves everything as it was
+        try:
+            self._install_segment(spare, new_base, old_base)
+            _pwrite_all(old_fd, build_control_frame(REC_SEAL, new_base, new_base, claim, old_salt),
+                        seal_off)
+            self._fsync_checked(old_fd)
+        except OSError as exc:
+            self._fail_from(FAULT_SYNC, exc)
+        finally:
+            os.close(old_fd)
+        self._st_fsyncs += 1
+
+    def _fail_from(self, int op, exc):
+        pmq_mutex_lock(&self._mu)
+        self._fail(op, exc.errno or 0)
+        pmq_mutex_unlock(&self._mu)
+        self._raise_unusable()
+
+    # ---- waiting for durability ----------------------------------------------------------
+
+    cdef int64_t _target(self, seq) except -2:
+        cdef int64_t target
+        if self._failed or self._closed:
+            self._raise_unusable()
+        if seq is None:
+            return self._next_seq - 1
+        target = seq
+        if target >= self._next_seq:
+            raise ValueError(f"seq {seq} has not been appended (the next seq is {self._next_seq})")
+        return target
+
+    def sync(self, seq=None):
+        """Block, without the GIL, until `seq` (default: everything appended) is durable.
+
+        With durability "interval" or "never" this waits until it is written to the OS.
+
+        Raises:
+            ValueError: `seq` was not appended yet, or the journal is closed.
+            JournalFailed: the write or fsync covering it failed.
+        """
+        cdef int64_t target = self._target(seq)
+        cdef int rc
+        with nogil:
+            rc = self._wait_for(target, self._want_durable)
+        if rc != 0:
+            self._raise_unusable()
+
+    def sync_async(self, seq=None):
+        """An asyncio Future of the running loop that completes when `seq` is durable.
+
+        A flusher thread commits for every coroutine and resolves all the futures a batch
+        covers with one call_soon_threadsafe per loop.
+        """
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        cdef int64_t target = self._target(seq)
+        cdef int64_t level = self._durable_seq if self._want_durable else self._written_seq
+        if level >= target:
+            fut.set_result(None)
+            return fut
+        self._async_waiters.append((target, fut, loop))
+        pmq_mutex_lock(&self._mu)
+        if target > self._async_target:
+            self._async_target = target
+        pmq_cond_broadcast(&self._cv)
+        pmq_mutex_unlock(&self._mu)
+        if self._async_thread is None:
+            self._async_thread = threading.Thread(
+                target=self._async_loop, name="pmq-journal-async", daemon=True)
+            self._async_thread.start()
+        return fut
+
+    def _async_loop(self):
+        cdef int64_t target, scanned = 0
+        cdef bint stop
+        while True:
+            with nogil:
+                pmq_mutex_lock(&self._mu)
+                while not self._closed and not self._failed and self._async_target <= scanned:
+                    pmq_cond_wait(&self._cv, &self._mu)
+                target = self._async_target
+                stop = self._closed or self._failed
+                pmq_mutex_unlock(&self._mu)
+                if not stop:
+                    self._wait_for(target, self._want_durable)
+            scanned = target
+            self._resolve_async()
+            if stop:
+                return
+
+    def _resolve_async(self):
+        cdef int64_t level = self._durable_seq if self._want_durable else self._written_seq
+        waiters, self._async_waiters = self._async_waiters, []
+        error = None
+        if self._failed or self._closed:
+            try:
+                self._raise_unusable()
+            except (JournalFailed, ValueError) as exc:
+                error = exc
+        keep = []
+        batches = {}
+        for item in waiters:
+            seq, fut, loop = item
+            if seq <= level:
+                batches.setdefault((loop, None), []).append(fut)
+            elif error is not None:
+                batches.setdefault((loop, error), []).append(fut)
+            else:
+                keep.append(item)
+        if keep:
+            self._async_waiters[:0] = keep
+        for (loop, exc), futures in batches.items():
+            try:
+                loop.call_soon_threadsafe(_resolve_batch, futures, exc)
+            except RuntimeError:
+                pass        # that event loop is closed: nobody is waiting on its futures
+
+    def _interval_loop(self):
+        while not self._stop_event.wait(self._interval_s):
+            if self._failed or self._closed:
+                return
+            try:
+                self._flush_now(True)
+            except (JournalFailed, ValueError):
+                return
+
+    # ---- reading back --------------------------------------------------------------------
+
+    def replay(self, int64_t start_seq=1, stop_seq=None):
+        """Yield (seq, payload) for the records on disk with start_seq <= seq < stop_seq.
+
+        Records below the floor are skipped; records not yet written (see sync) are not seen.
+
+        Raises:
+            JournalCorruption: a segment was damaged after the journal was opened.
+        """
+        if self._closed:
+            self._raise_unusable()
+        cdef int64_t hi = self._written_seq + 1
+        if stop_seq is not None and stop_seq < hi:
+            hi = stop_seq
+        return self._replay(max(start_seq, self._floor), hi, [list(s) for s in self._segments])
+
+    def _replay(self, int64_t lo, int64_t hi, list segments):
+        cdef Py_ssize_t off, count, flen, last = len(segments) - 1
+        cdef int64_t expected, end_seq
+        cdef int status
+        for index, (base, path) in enumerate(segments):
+            end_seq = segments[index + 1][0] if index < last else hi
+            if end_seq <= lo:
+                continue
+            if base >= hi:
+                break
+            try:
+                mapped = _Mapped(path)
+            except FileNotFoundError:
+                if base < self._floor:
+                    continue    # released while we were reading
+                raise
+            try:
+                view = mapped.view
+                salt = parse_segment_header(view[:SEGMENT_HEADER], path).salt
+                skips = self._skips.get(path, {})
+                off = SEGMENT_HEADER
+                expected = base
+                while expected < hi:
+                    status, count, flags, flen, first_type = _frame_at(
+                        view, off, salt, expected, self._max_frame)
+                    if status == FRAME_OK:
+                        if flags & FLAG_CONTROL:
+                            if first_type == REC_SEAL:
+                                break
+                        else:
+                            if expected + count > lo:
+                                for k, payload in enumerate(_frame_records(view, off)):
+                                    if lo <= expected + k < hi:
+                                        yield expected + k, payload
+                            expected += count
+                        off += _align8(flen)
+                    elif off in skips:
+                        off, expected = skips[off]
+                        if off < 0:
+                            break
+                    elif index == last:
+                        break       # the end of the written data, or a frame being written now
+                    else:
+                        raise JournalCorruption(
+                            f"damaged frame at seq {expected} ({FRAME_STATUS_TEXT[status]})", path, off)
+            finally:
+                mapped.close()
+
+    # ---- winning space back --------------------------------------------------------------
+
+    def release_before(self, int64_t seq):
+        """Declare every record below `seq` no longer needed; delete the segments that frees.
+
+        The new floor is made durable (a LOWWATER frame, fsynced) before any file is unlinked,
+        so a crash that undoes an unlink cannot bring released records back. Returns the number
+        of segments deleted (the active segment is never deleted).
+        """
+        cdef int rc
+        cdef bytes value
+        if self._failed or self._closed:
+            self._raise_unusable()
+        if seq > self._next_seq:
+            raise ValueError(f"cannot release up to seq {seq}: the next seq is {self._next_seq}")
+        if seq <= self._floor:
+            return 0
+        self._floor = seq
+        value = struct.pack("<Q", seq)
+        self._append_record(<const unsigned char*>PyBytes_AS_STRING(value), 8, REC_LOWWATER)
+        self._flush_now(True)
+        with nogil:
+            rc = self._acquire_leadership()
+        if rc != 0:
+            self._raise_unusable()
+        doomed = []
+        try:
+            while len(self._segments) > 1 and self._segments[1][0] <= seq:
+                doomed.append(self._segments.pop(0)[1])
+            for path in doomed:
+                os.unlink(path)
+                self._skips.pop(path, None)
+        finally:
+            with nogil:
+                self._release_leadership()
+        if doomed:
+            fsync_directory(self.directory)     # the unlinks; LOWWATER already covers a lost one
+        return len(doomed)
+
+    def copy_forward(self, seqs):
+        """Re-append the payloads of `seqs` (durably) and return {old seq: new seq}.
+
+        For the few long-pending records that would otherwise pin an old segment: once the
+        caller has the new seqs it can release_before() past the old ones.
+
+        Raises:
+            ValueError: a seq is below the floor or was never appended.
+        """
+        wanted = sorted(set(int(s) for s in seqs))
+        if not wanted:
+            return {}
+        if wanted[0] < self._floor or wanted[-1] >= self._next_seq:
+            raise ValueError(
+                f"seqs must lie in [{self._floor}, {self._next_seq}) to be copied forward; "
+                f"got {wanted[0]}..{wanted[-1]}")
+        self._flush_now(False)
+        wanted_set = set(wanted)
+        found = {}
+        bases = [s[0] for s in self._segments]
+        groups = {}
+        for seq in wanted:
+            groups.setdefault(bisect.bisect_right(bases, seq) - 1, []).append(seq)
+        for group in groups.values():
+            for seq, payload in self.replay(group[0], group[-1] + 1):
+                if seq in wanted_set:
+                    found[seq] = payload
+        missing = [s for s in wanted if s not in found]
+        if missing:
+            raise ValueError(f"seqs not found in the journal: {missing[:10]}")
+        mapping = {}
+        chunk = []
+        size = FRAME_HEADER
+        for seq in wanted:
+            payload = found[seq]
+            if chunk and (size + RECORD_HEADER + len(payload) > self.max_frame_bytes or len(chunk) == 65535):
+                self._copy_chunk(chunk, found, mapping)
+                chunk, size = [], FRAME_HEADER
+            chunk.append(seq)
+            size += RECORD_HEADER + len(payload)
+        self._copy_chunk(chunk, found, mapping)
+        self._flush_now(True)
+        return mapping
+
+    def _copy_chunk(self, list chunk, dict found, dict mapping):
+        last = self.append_many([found[s] for s in chunk])
+        for i, seq in enumerate(chunk):
+            mapping[seq] = last - len(chunk) + 1 + i
+
+    # ---- looking at it -------------------------------------------------------------------
+
+    def segments(self):
+        """[SegmentInfo] of the journal's segments, oldest first; the last is active."""
+        segs = [list(s) for s in self._segments]
+        out = []
+        for index, (base, path) in enumerate(segs):
+            active = index == len(segs) - 1
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                continue
+            out.append(SegmentInfo(path, base, self._next_seq if active else segs[index + 1][0],
+                                   size, active))
+        return out
+
+    def stats(self):
+        """Counters since open: records appended and written, frames, flushes, fsyncs, bytes,
+        mean_batch (records written per flush) and segments."""
+        flushes = self._st_flushes
+        return {
+            "records": self._st_records,
+            "records_written": self._st_written,
+            "frames": self._st_frames,
+            "flushes": flushes,
+            "fsyncs": self._st_fsyncs,
+            "bytes": self._st_bytes,
+            "mean_batch": self._st_written / flushes if flushes else 0.0,
+            "segments": len(self._segments),
+            "durable_seq": self._durable_seq,
+            "next_seq": self._next_seq,
+        }
+
+    # ---- closing -------------------------------------------------------------------------
+
+    def close(self):
+        """Write everything, fsync, mark a clean end (CLOSE) and release the directory.
+
+        Raises:
+            JournalFailed: the final write or fsync failed (never swallowed).
+        """
+        if self._closed:
+            return
+        error = None
+        if not self._failed:
+            try:
+                self._append_record(NULL, 0, REC_CLOSE)
+                self._flush_now(True)
+            except JournalFailed as exc:
+                error = exc
+        pmq_mutex_lock(&self._mu)
+        self._closed = True
+        pmq_cond_broadcast(&self._cv)
+        pmq_mutex_unlock(&self._mu)
+        if self._stop_event is not None:
+            self._stop_event.set()
+        for thread in (self._interval_thread, self._async_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join()
+        with self._spare_cond:
+            while self._spare_thread is not None:
+                self._spare_cond.wait()
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            try:
+                os.unlink(spare)
+            except OSError:
+                pass
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        self._lock.release()
+        if error is not None:
+            raise error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else "failed" if self._failed else "open"
+        return (f"<Journal {self.directory!r} {state} durability={self.durability} "
+                f"next_seq={self._next_seq} durable_seq={self._durable_seq}>")
