@@ -117,6 +117,10 @@ cdef class _Lock:
             fd, self.fd = self.fd, -1
             os.close(fd)     # closing the descriptor drops the flock / msvcrt lock
 
+    def __dealloc__(self):
+        if self.fd >= 0:
+            os.close(self.fd)   # a journal dropped without close() must not keep its lock
+
 
 def fsync_directory(str directory):
     """Make creations, renames and unlinks in `directory` durable (a no-op on Windows, where
