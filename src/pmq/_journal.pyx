@@ -608,6 +608,9 @@ cdef class Journal(_GroupCommit):
         error = None
         if not self._failed:
             try:
+                # Make everything durable first: CLOSE claims durable_seq as it stands when it
+                # is written, and it must cover every record (docs/FORMAT.md).
+                self._flush_now(True)
                 self._append_record(NULL, 0, REC_CLOSE)
                 self._flush_now(True)
             except JournalFailed as exc:

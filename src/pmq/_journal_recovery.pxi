@@ -60,6 +60,7 @@ def recover(str directory, size_t max_frame, bint salvage):
     if not segments:
         return None
     headers = []
+    chain_start = 0     # segments before a break in the prev_base chain must lie below the floor
     for base, path in segments:
         with open(path, "rb") as f:
             header = parse_segment_header(f.read(SEGMENT_HEADER), path)
@@ -69,10 +70,13 @@ def recover(str directory, size_t max_frame, bint salvage):
         if headers and header.journal_id != headers[0].journal_id:
             raise JournalCorruption("segment belongs to another journal (journal_id differs)", path, 16)
         if headers and header.prev_base != segments[len(headers) - 1][0]:
-            raise JournalCorruption(
-                f"segment follows {header.prev_base}, but the segment before it is "
-                f"{segments[len(headers) - 1][0]} (a segment is missing)", path, 48)
+            chain_start = len(headers)
         headers.append(header)
+    # Segments before the last break were released (their unlink undone by a crash) if the
+    # floor proves it; otherwise a segment is missing. Only the unbroken chain is read.
+    resurrected = segments[:chain_start]
+    segments = segments[chain_start:]
+    headers = headers[chain_start:]
 
     floor = max(max(h.floor for h in headers), 1)
     skips = {}
@@ -171,6 +175,10 @@ def recover(str directory, size_t max_frame, bint salvage):
         finally:
             mapped.close()
 
+    if resurrected and floor < segments[0][0]:
+        raise JournalCorruption(
+            f"segment follows {headers[0].prev_base}, but the segment before it is "
+            f"{resurrected[-1][0]} (a segment is missing)", segments[0][1], 48)
     if segments[0][0] > floor and segments[0][0] != 1:
         raise JournalCorruption(
             f"segments before seq {segments[0][0]} are missing (the journal's floor is {floor})",
@@ -180,6 +188,9 @@ def recover(str directory, size_t max_frame, bint salvage):
     # Segments wholly below the floor were released before a crash undid their unlink.
     kept = []
     removed = False
+    for base, path in resurrected:
+        os.unlink(path)
+        removed = True
     for index, (base, path) in enumerate(segments):
         if index < last_index and segments[index + 1][0] <= floor:
             os.unlink(path)
