@@ -34,10 +34,12 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(PY) bench/demo_journal.py
 
+# The same checks as CI's lint job (.pre-commit-config.yaml pins the tools).
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff mypy
-	$(PY) -m ruff check src tests bench
-	$(PY) -m mypy src/pmq
+	$(PY) -m pip install --quiet pre-commit mypy
+	$(VENV)/bin/pre-commit run --all-files
+	$(PY) -m mypy --strict src/pmq
+	$(PY) -m mypy.stubtest pmq._journal
 
 clean:
 	rm -rf build dist $(VENV) src/pmq/_journal.c src/pmq/*.so *.egg-info src/*.egg-info
