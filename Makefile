@@ -34,12 +34,17 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(PY) bench/demo_journal.py
 
-# The same checks as CI's lint job (.pre-commit-config.yaml pins the tools).
+# CI's lint job, with the versions .pre-commit-config.yaml pins, installed from PyPI (pre-commit
+# itself would clone the hooks from GitHub).
+LINTERS := ruff==0.17.0 cython-lint==0.17.0 pycodestyle codespell==2.4.3 validate-pyproject==0.26 mypy
 lint: $(STAMP)
-	$(PY) -m pip install --quiet pre-commit mypy
-	$(VENV)/bin/pre-commit run --all-files
+	$(PY) -m pip install --quiet $(LINTERS)
+	$(VENV)/bin/ruff check src tests bench
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint --max-line-length=100 src/pmq/*.pyx src/pmq/*.pxi
+	$(VENV)/bin/codespell --ignore-words-list=bu --skip='src/pmq/_vendor,*.c' src tests bench docs README.md
+	$(VENV)/bin/validate-pyproject pyproject.toml
 	$(PY) -m mypy --strict src/pmq
-	$(PY) -m mypy.stubtest pmq._journal
+	$(PY) -m mypy.stubtest pmq._journal --allowlist stubtest-allowlist.txt
 
 clean:
 	rm -rf build dist $(VENV) src/pmq/_journal.c src/pmq/*.so *.egg-info src/*.egg-info

@@ -3,19 +3,21 @@
 import asyncio
 import os
 from collections.abc import Iterable, Iterator
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Self
 
-from typing_extensions import Buffer, Self
+from typing_extensions import Buffer, disjoint_base
 
-Durability = Literal["always", "interval", "never"]
-Prealloc = Literal["zero", "allocate", "none"]
-OnCorruption = Literal["raise", "salvage"]
+_Durability = Literal["always", "interval", "never"]
+_Prealloc = Literal["zero", "allocate", "none"]
+_OnCorruption = Literal["raise", "salvage"]
 
+MAGIC: bytes
 SEGMENT_HEADER_BYTES: int
 FRAME_HEADER_BYTES: int
 RECORD_HEADER_BYTES: int
 DEFAULT_SEGMENT_BYTES: int
 MIN_SEGMENT_BYTES: int
+MAX_SEGMENT_BYTES: int
 
 class SegmentInfo(NamedTuple):
     path: str
@@ -30,11 +32,12 @@ class SalvagedRange(NamedTuple):
     first_seq: int
     last_seq: int
 
+@disjoint_base
 class Journal:
     directory: str
     journal_id: bytes
-    durability: Durability
-    prealloc: Prealloc
+    durability: _Durability
+    prealloc: _Prealloc
     segment_bytes: int
     max_frame_bytes: int
     max_payload_bytes: int
@@ -44,11 +47,11 @@ class Journal:
         directory: str | os.PathLike[str],
         *,
         segment_bytes: int = ...,
-        durability: Durability = "always",
+        durability: _Durability = "always",
         interval_ms: float = 50.0,
-        prealloc: Prealloc | None = None,
+        prealloc: _Prealloc | None = None,
         max_frame_bytes: int | None = None,
-        on_corruption: OnCorruption = "raise",
+        on_corruption: _OnCorruption = "raise",
     ) -> None: ...
     @property
     def next_seq(self) -> int: ...
@@ -66,7 +69,9 @@ class Journal:
     def append_many(self, payloads: Iterable[Buffer]) -> int: ...
     def sync(self, seq: int | None = None) -> None: ...
     def sync_async(self, seq: int | None = None) -> asyncio.Future[None]: ...
-    def replay(self, start_seq: int = 1, stop_seq: int | None = None) -> Iterator[tuple[int, bytes]]: ...
+    def replay(
+        self, start_seq: int = 1, stop_seq: int | None = None
+    ) -> Iterator[tuple[int, bytes]]: ...
     def release_before(self, seq: int) -> int: ...
     def copy_forward(self, seqs: Iterable[int]) -> dict[int, int]: ...
     def segments(self) -> list[SegmentInfo]: ...
@@ -75,5 +80,7 @@ class Journal:
     def __enter__(self) -> Self: ...
     def __exit__(self, *exc_info: object) -> None: ...
 
-def _set_fault(op: Literal["write", "sync", "prepare"], countdown: int, errno: int, short_bytes: int = 0) -> None: ...
+def _set_fault(
+    op: Literal["write", "sync", "prepare"], countdown: int, errno: int, short_bytes: int = 0
+) -> None: ...
 def _clear_faults() -> None: ...

@@ -21,7 +21,9 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_CheckBuffer, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.bytes cimport (
+    PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
+)
 
 import asyncio
 import bisect
@@ -186,7 +188,7 @@ cdef class Journal(_GroupCommit):
         if durability not in _DURABILITY:
             raise ValueError(f"durability must be one of {_DURABILITY}, not {durability!r}")
         if prealloc is None:
-            prealloc = default_prealloc(durability)
+            prealloc = _default_prealloc(durability)
         if prealloc not in _PREALLOC:
             raise ValueError(f"prealloc must be one of {_PREALLOC}, not {prealloc!r}")
         if on_corruption not in ("raise", "salvage"):
@@ -240,10 +242,10 @@ cdef class Journal(_GroupCommit):
         created = not os.path.isdir(self.directory)
         os.makedirs(self.directory, exist_ok=True)
         if created:
-            fsync_directory(os.path.dirname(self.directory) or ".")   # the new directory's name
+            _fsync_directory(os.path.dirname(self.directory) or ".")   # the new directory's name
         self._lock = _Lock(self.directory)
         try:
-            state = recover(self.directory, self._max_frame, salvage)
+            state = _recover(self.directory, self._max_frame, salvage)
             if state is None:
                 self._create_first_segment()
             else:
@@ -276,8 +278,8 @@ cdef class Journal(_GroupCommit):
     def _install_segment(self, str spare, int64_t base, int64_t prev_base):
         """Publish a prepared spare as segment `base` and make it the active one."""
         cdef uint64_t salt = int.from_bytes(os.urandom(8), "little")
-        header = build_segment_header(self.journal_id, salt, base, prev_base, self._floor,
-                                      time.time_ns())
+        header = _build_segment_header(
+            self.journal_id, salt, base, prev_base, self._floor, time.time_ns())
         fd = os.open(spare, os.O_RDWR | _O_BINARY)
         try:
             _pwrite_all(fd, header, 0)
@@ -285,11 +287,11 @@ cdef class Journal(_GroupCommit):
             self._fsync_checked(fd)
         finally:
             os.close(fd)
-        path = os.path.join(self.directory, segment_name(base))
+        path = os.path.join(self.directory, _segment_name(base))
         os.replace(spare, path)
         # Until the directory is fsynced a crash may forget the new name; nothing in the
         # segment is acknowledged before this returns, so losing it loses nothing.
-        fsync_directory(self.directory)
+        _fsync_directory(self.directory)
         fd = os.open(path, os.O_RDWR | _O_BINARY)
         pmq_mutex_lock(&self._mu)
         self._fd = fd
@@ -300,7 +302,6 @@ cdef class Journal(_GroupCommit):
         pmq_mutex_unlock(&self._mu)
         self._segments.append([base, path])
 
-
     # ---- spares --------------------------------------------------------------------------
 
     def _take_spare(self):
@@ -310,7 +311,7 @@ cdef class Journal(_GroupCommit):
             spare, self._spare = self._spare, None
         if spare is not None:
             return spare
-        return prepare_spare(self.directory, self.segment_bytes, self.prealloc)
+        return _prepare_spare(self.directory, self.segment_bytes, self.prealloc)
 
     def _ask_for_spare(self):
         with self._spare_cond:
@@ -322,7 +323,7 @@ cdef class Journal(_GroupCommit):
 
     def _prepare_spare_in_background(self):
         try:
-            spare = prepare_spare(self.directory, self.segment_bytes, self.prealloc)
+            spare = _prepare_spare(self.directory, self.segment_bytes, self.prealloc)
         except JournalError as exc:
             spare = None    # the roll that needs it prepares one itself and reports the error
             log.debug("preparing a spare segment in %s failed: %s", self.directory, exc)
@@ -385,7 +386,7 @@ cdef class Journal(_GroupCommit):
         spare = self._take_spare()        # StorageFull leaves everything as it was
         try:
             self._install_segment(spare, new_base, old_base)
-            _pwrite_all(old_fd, build_control_frame(REC_SEAL, new_base, new_base, claim, old_salt),
+            _pwrite_all(old_fd, _build_control_frame(REC_SEAL, new_base, new_base, claim, old_salt),
                         seal_off)
             self._fsync_checked(old_fd)
         except OSError as exc:
@@ -393,7 +394,6 @@ cdef class Journal(_GroupCommit):
         finally:
             os.close(old_fd)
         self._st_fsyncs += 1
-
 
     def _interval_loop(self):
         while not self._stop_event.wait(self._interval_s):
@@ -444,7 +444,7 @@ cdef class Journal(_GroupCommit):
                 raise
             try:
                 view = mapped.view
-                salt = parse_segment_header(view[:SEGMENT_HEADER], path).salt
+                salt = _parse_segment_header(view[:SEGMENT_HEADER], path).salt
                 skips = self._skips.get(path, {})
                 off = SEGMENT_HEADER
                 expected = base
@@ -470,7 +470,8 @@ cdef class Journal(_GroupCommit):
                         break       # the end of the written data, or a frame being written now
                     else:
                         raise JournalCorruption(
-                            f"damaged frame at seq {expected} ({FRAME_STATUS_TEXT[status]})", path, off)
+                            f"damaged frame at seq {expected} ({_FRAME_STATUS_TEXT[status]})",
+                            path, off)
             finally:
                 mapped.close()
 
@@ -510,7 +511,7 @@ cdef class Journal(_GroupCommit):
             with nogil:
                 self._release_leadership()
         if doomed:
-            fsync_directory(self.directory)     # the unlinks; LOWWATER already covers a lost one
+            _fsync_directory(self.directory)     # the unlinks; LOWWATER already covers a lost one
         return len(doomed)
 
     def copy_forward(self, seqs):
@@ -548,7 +549,8 @@ cdef class Journal(_GroupCommit):
         size = FRAME_HEADER
         for seq in wanted:
             payload = found[seq]
-            if chunk and (size + RECORD_HEADER + len(payload) > self.max_frame_bytes or len(chunk) == 65535):
+            full = size + RECORD_HEADER + len(payload) > self.max_frame_bytes
+            if chunk and (full or len(chunk) == 65535):
                 self._copy_chunk(chunk, found, mapping)
                 chunk, size = [], FRAME_HEADER
             chunk.append(seq)

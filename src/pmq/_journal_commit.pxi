@@ -82,7 +82,8 @@ cdef class _GroupCommit:
             return -1
         return 0
 
-    cdef int _write_all(self, const unsigned char* buf, size_t n, int64_t off, int* err) noexcept nogil:
+    cdef int _write_all(self, const unsigned char* buf, size_t n, int64_t off,
+                        int* err) noexcept nogil:
         global _fault_short
         cdef int64_t w
         while n > 0:
@@ -245,12 +246,13 @@ cdef class _GroupCommit:
 
     def _raise_unusable(self):
         if self._failed:
-            what = {FAULT_WRITE: "a write", FAULT_SYNC: "an fsync"}.get(self._fail_op, "a file operation")
+            what = {FAULT_WRITE: "a write", FAULT_SYNC: "an fsync"}.get(
+                self._fail_op, "a file operation")
             raise JournalFailed(
                 f"journal {self.directory} failed: {what} returned "
                 f"{os.strerror(self._fail_errno) if self._fail_errno else 'an error'}; it accepts "
                 "nothing more (fsync is never retried). Everything acknowledged before is on disk: "
-                "close the journal and open it again to recover."
+                "close the journal and open it again to _recover."
             )
         if self._closed:
             raise ValueError(f"I/O operation on closed journal {self.directory}")
@@ -297,6 +299,12 @@ cdef class _GroupCommit:
         self._pend_cap = cap
         return 0
 
+    cdef int _reserve(self, size_t need) noexcept nogil:
+        """Make room for `need` more bytes (and a frame's padding) in the pending buffer."""
+        if self._pend_len + need + 8 <= self._pend_cap:
+            return 0
+        return self._grow(self._pend_len + need + 8)
+
     cdef void _start_frame(self, bint control) noexcept nogil:
         self._frame_off = <Py_ssize_t>self._pend_len
         memset(self._pend + self._pend_len, 0, FRAME_HEADER)
@@ -334,16 +342,18 @@ cdef class _GroupCommit:
                 self._raise_unusable()
             join = (self._frame_off >= 0 and self._frame_kind == control
                     and self._frame_count < 65535
-                    and <size_t>(self._pend_len - self._frame_off + RECORD_HEADER + n) <= self._frame_target)
+                    and <size_t>(self._pend_len - self._frame_off + RECORD_HEADER + n)
+                    <= self._frame_target)
             if join:
                 need = RECORD_HEADER + n + 7
             else:
-                need = _align8(self._pend_len) - self._pend_len + FRAME_HEADER + RECORD_HEADER + n + 7
+                need = (_align8(self._pend_len) - self._pend_len
+                        + FRAME_HEADER + RECORD_HEADER + n + 7)
             if self._seg_used + need > self._seg_limit:
                 pmq_mutex_unlock(&self._mu)
                 self._roll_for(need)
                 continue
-            if self._pend_len + need + 8 > self._pend_cap and self._grow(self._pend_len + need + 8) != 0:
+            if self._reserve(need) != 0:
                 pmq_mutex_unlock(&self._mu)
                 raise MemoryError()
             if not join:
@@ -410,7 +420,8 @@ cdef class _GroupCommit:
         if not items:
             raise ValueError("append_many needs at least one payload")
         if len(items) > 65535:
-            raise ValueError(f"append_many takes at most 65535 payloads in one frame, not {len(items)}")
+            raise ValueError(
+                f"append_many takes at most 65535 payloads in one frame, not {len(items)}")
         if total > self.max_frame_bytes:
             raise ValueError(
                 f"append_many of {len(items)} payloads needs a {total}-byte frame, over the "
@@ -425,7 +436,7 @@ cdef class _GroupCommit:
                 pmq_mutex_unlock(&self._mu)
                 self._roll_for(need)
                 continue
-            if self._pend_len + need + 8 > self._pend_cap and self._grow(self._pend_len + need + 8) != 0:
+            if self._reserve(need) != 0:
                 pmq_mutex_unlock(&self._mu)
                 raise MemoryError()
             self._close_frame()

@@ -25,7 +25,7 @@ _NO_SPACE_ERRNOS = frozenset(
 _ZERO_CHUNK = bytes(1 << 20)
 
 
-def segment_name(int64_t base):
+def _segment_name(int64_t base):
     return f"{base:020d}.seg"
 
 
@@ -35,13 +35,8 @@ cdef uint64_t _checksum(const unsigned char[::1] data, uint64_t seed):
     return XXH3_64bits_withSeed(&data[0], data.shape[0], seed)
 
 
-def checksum(data, seed=0):
-    """XXH3-64 of `data` with `seed`, as the journal computes it (for tests and tools)."""
-    return _checksum(memoryview(data).cast("B"), seed)
-
-
-def build_segment_header(bytes journal_id, uint64_t salt, int64_t base, int64_t prev_base,
-                         int64_t floor, int64_t created_ns):
+def _build_segment_header(bytes journal_id, uint64_t salt, int64_t base,
+                          int64_t prev_base, int64_t floor, int64_t created_ns):
     """The 4096 bytes that open a segment (docs/FORMAT.md "Segment header")."""
     head = _HEADER.pack(MAGIC, FORMAT_VERSION, SEGMENT_HEADER, 0, journal_id, salt, base,
                         prev_base, floor, created_ns)
@@ -49,7 +44,7 @@ def build_segment_header(bytes journal_id, uint64_t salt, int64_t base, int64_t 
     return head + bytes(SEGMENT_HEADER - len(head))
 
 
-class SegmentHeader:
+class _SegmentHeader:
     """The fields of a segment header that recovery checks."""
 
     __slots__ = ("journal_id", "salt", "base", "prev_base", "floor", "created_ns")
@@ -63,7 +58,7 @@ class SegmentHeader:
         self.created_ns = created_ns
 
 
-def parse_segment_header(data, str path):
+def _parse_segment_header(data, str path):
     """Check and decode a segment header; JournalCorruption says which field is wrong."""
     if len(data) < _HEADER.size + 8:
         raise JournalCorruption("segment header is truncated", path, 0)
@@ -76,11 +71,11 @@ def parse_segment_header(data, str path):
         raise JournalCorruption("segment header checksum mismatch", path, _HEADER.size)
     if version != FORMAT_VERSION or header_len != SEGMENT_HEADER:
         raise JournalCorruption(f"unsupported segment format version {version}", path, 8)
-    return SegmentHeader(journal_id, salt, base, prev_base, floor, created)
+    return _SegmentHeader(journal_id, salt, base, prev_base, floor, created)
 
 
-def build_control_frame(int rtype, int64_t value, int64_t first_seq, int64_t claim, uint64_t salt,
-                        bint with_value=True):
+def _build_control_frame(int rtype, int64_t value, int64_t first_seq, int64_t claim,
+                         uint64_t salt, bint with_value=True):
     """One complete control frame (SEAL, LOWWATER or CLOSE), padded to 8 bytes."""
     payload = struct.pack("<Q", value) if with_value else b""
     flen = FRAME_HEADER + RECORD_HEADER + len(payload)
@@ -122,7 +117,7 @@ cdef class _Lock:
             os.close(self.fd)   # a journal dropped without close() must not keep its lock
 
 
-def fsync_directory(str directory):
+def _fsync_directory(str directory):
     """Make creations, renames and unlinks in `directory` durable (a no-op on Windows, where
     NTFS journals its metadata and a directory cannot be opened)."""
     if _IS_WINDOWS:
@@ -134,13 +129,13 @@ def fsync_directory(str directory):
         os.close(fd)
 
 
-def default_prealloc(str durability):
+def _default_prealloc(str durability):
     if sys.platform.startswith("linux"):
         return "zero" if durability == "always" else "allocate"
     return "none"
 
 
-def prepare_spare(str directory, Py_ssize_t segment_bytes, str prealloc):
+def _prepare_spare(str directory, Py_ssize_t segment_bytes, str prealloc):
     """Create `spare-*.tmp` ready to become the next segment, and return its path.
 
     "zero" writes real zeros and fsyncs them: overwriting allocated, initialised blocks lets
@@ -175,14 +170,15 @@ def prepare_spare(str directory, Py_ssize_t segment_bytes, str prealloc):
                 f"no room in {directory} for the next {segment_bytes}-byte journal segment "
                 f"({os.strerror(exc.errno)}); free space and append again"
             ) from exc
-        raise JournalError(f"cannot prepare the next journal segment in {directory}: {exc}") from exc
+        raise JournalError(
+            f"cannot prepare the next journal segment in {directory}: {exc}") from exc
     finally:
         if fd >= 0:
             os.close(fd)
     return path
 
 
-def list_segments(str directory):
+def _list_segments(str directory):
     """[(base, path)] of the directory's segment files, oldest first."""
     found = []
     for name in os.listdir(directory):
@@ -193,7 +189,7 @@ def list_segments(str directory):
     return found
 
 
-def remove_temporaries(str directory):
+def _remove_temporaries(str directory):
     """Delete `*.tmp` files: spares and half-made segments are never part of the log."""
     removed = False
     for name in os.listdir(directory):

@@ -2,7 +2,7 @@
 # left (included by _journal.pyx).
 #
 # Owns: docs/FORMAT.md "Reading a journal". Must not: append records or touch group-commit
-# state; it returns a RecoveredState that Journal adopts.
+# state; it returns a _RecoveredState that Journal adopts.
 #
 # Invariants:
 # - Nothing on disk changes until the whole journal has been read and found sound: a journal
@@ -13,7 +13,7 @@
 #   fsynced before the journal appends anything, so a crash during recovery just repeats it.
 
 
-class RecoveredState:
+class _RecoveredState:
     __slots__ = ("journal_id", "floor", "segments", "salt", "end_offset", "next_seq", "skips",
                  "salvaged")
 
@@ -40,7 +40,8 @@ cdef class _Mapped:
         self.file.close()
 
 
-def _segment_has_frames(const unsigned char[::1] view, uint64_t salt, int64_t base, size_t max_frame):
+def _segment_has_frames(const unsigned char[::1] view, uint64_t salt, int64_t base,
+                        size_t max_frame):
     """Does a segment hold any frame that verifies (at its start, or anywhere after)?"""
     cdef FrameInfo info
     cdef FrameStatus status
@@ -52,23 +53,24 @@ def _segment_has_frames(const unsigned char[::1] view, uint64_t salt, int64_t ba
     return _forward_scan(view, SEGMENT_HEADER - 8, salt, base, max_frame)[0] >= 0
 
 
-def recover(str directory, size_t max_frame, bint salvage):
+def _recover(str directory, size_t max_frame, bint salvage):
     """Read the journal in `directory`; None when it has no segment yet."""
-    if remove_temporaries(directory):
-        fsync_directory(directory)
-    segments = list_segments(directory)
+    if _remove_temporaries(directory):
+        _fsync_directory(directory)
+    segments = _list_segments(directory)
     if not segments:
         return None
     headers = []
     chain_start = 0     # segments before a break in the prev_base chain must lie below the floor
     for base, path in segments:
         with open(path, "rb") as f:
-            header = parse_segment_header(f.read(SEGMENT_HEADER), path)
+            header = _parse_segment_header(f.read(SEGMENT_HEADER), path)
         if header.base != base:
             raise JournalCorruption(
                 f"segment header says base {header.base}, its name says {base}", path, 40)
         if headers and header.journal_id != headers[0].journal_id:
-            raise JournalCorruption("segment belongs to another journal (journal_id differs)", path, 16)
+            raise JournalCorruption(
+                "segment belongs to another journal (journal_id differs)", path, 16)
         if headers and header.prev_base != segments[len(headers) - 1][0]:
             chain_start = len(headers)
         headers.append(header)
@@ -84,7 +86,7 @@ def recover(str directory, size_t max_frame, bint salvage):
     repairs = []
     cdef int64_t expected = segments[0][0]
     cdef Py_ssize_t off, end_offset = SEGMENT_HEADER
-    cdef SegmentScan scan
+    cdef _SegmentScan scan
     last_index = len(segments) - 1
     for index, (base, path) in enumerate(segments):
         header = headers[index]
@@ -120,7 +122,7 @@ def recover(str directory, size_t max_frame, bint salvage):
                         if stop > off:
                             repairs.append(("zero", path, off, stop))
                             log.debug("journal %s: cut a torn tail at %s offset %d (%s)",
-                                      directory, path, off, FRAME_STATUS_TEXT[scan.end_status])
+                                      directory, path, off, _FRAME_STATUS_TEXT[scan.end_status])
                         end_offset = off
                         break
                 else:
@@ -142,9 +144,10 @@ def recover(str directory, size_t max_frame, bint salvage):
                             seal = (off, next_base)
                             break
                 # Damage a crash cannot explain.
-                reason = FRAME_STATUS_TEXT[scan.end_status]
+                reason = _FRAME_STATUS_TEXT[scan.end_status]
                 if not salvage:
-                    where = "a later frame claims it was durable" if is_last else "not the last segment"
+                    where = ("a later frame claims it was durable" if is_last
+                             else "not the last segment")
                     raise JournalCorruption(
                         f"damaged frame at seq {expected} ({reason}; {where})", path, off)
                 if cand_off >= 0:
@@ -198,9 +201,9 @@ def recover(str directory, size_t max_frame, bint salvage):
         else:
             kept.append((base, path))
     if removed:
-        fsync_directory(directory)
+        _fsync_directory(directory)
 
-    state = RecoveredState()
+    state = _RecoveredState()
     state.journal_id = headers[0].journal_id
     state.floor = floor
     state.segments = kept
@@ -224,7 +227,8 @@ def _apply_repairs(list repairs):
                 start += chunk
             if repair[0] == "seal":
                 _, _, off, _, next_base, salt, claim = repair
-                _pwrite_all(fd, build_control_frame(REC_SEAL, next_base, next_base, claim, salt), off)
+                seal = _build_control_frame(REC_SEAL, next_base, next_base, claim, salt)
+                _pwrite_all(fd, seal, off)
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -11,9 +11,9 @@ cdef enum FrameStatus:
     FRAME_BAD_LENGTH = 3  # frame_len out of bounds
     FRAME_BAD_CHECKSUM = 4
     FRAME_BAD_SEQ = 5     # verifies, but first_seq is not the expected one
-    FRAME_BAD_RECORDS = 6 # verifies, but its records do not add up (a writer bug or a collision)
+    FRAME_BAD_RECORDS = 6  # verifies, but its records do not add up (a writer bug or a collision)
 
-FRAME_STATUS_TEXT = {
+_FRAME_STATUS_TEXT = {
     FRAME_OK: "ok",
     FRAME_ZERO: "zero-filled header",
     FRAME_SHORT: "file ends inside a frame",
@@ -36,7 +36,8 @@ cdef inline Py_ssize_t _align8(Py_ssize_t n) noexcept nogil:
     return (n + 7) & ~(<Py_ssize_t>7)
 
 
-cdef uint64_t _frame_checksum(const unsigned char* frame, size_t frame_len, uint64_t salt) noexcept nogil:
+cdef uint64_t _frame_checksum(const unsigned char* frame, size_t frame_len,
+                              uint64_t salt) noexcept nogil:
     return XXH3_64bits_withSeed(frame + 8, frame_len - 8, salt)
 
 
@@ -93,7 +94,7 @@ cdef FrameStatus _check_frame(const unsigned char* buf, Py_ssize_t off, Py_ssize
     return FRAME_OK
 
 
-cdef class SegmentScan:
+cdef class _SegmentScan:
     """What one pass over a segment's frames found (recovery and `pmq journal verify` use it)."""
     cdef readonly Py_ssize_t end_offset     # offset of the first byte that is not a valid frame
     cdef readonly int end_status            # FrameStatus at end_offset (FRAME_ZERO: clean end)
@@ -102,13 +103,13 @@ cdef class SegmentScan:
     cdef readonly Py_ssize_t frames
     cdef readonly list controls             # [(offset, type, value)] of control records
     cdef readonly Py_ssize_t last_frame_offset
-    cdef readonly int64_t bad_first_seq     # first_seq of a frame that verified but was out of order
+    cdef readonly int64_t bad_first_seq     # first_seq of a verified frame that was out of order
 
 
-cdef SegmentScan _scan_segment(const unsigned char[::1] buf, Py_ssize_t start, uint64_t salt,
-                               int64_t expected, size_t max_frame):
+cdef _SegmentScan _scan_segment(const unsigned char[::1] buf, Py_ssize_t start,
+                                uint64_t salt, int64_t expected, size_t max_frame):
     """Walk frames from `start` until the first one that is not valid."""
-    cdef SegmentScan scan = SegmentScan.__new__(SegmentScan)
+    cdef _SegmentScan scan = _SegmentScan.__new__(_SegmentScan)
     cdef Py_ssize_t end = buf.shape[0]
     cdef Py_ssize_t off = start
     cdef FrameInfo info
@@ -178,7 +179,8 @@ cdef tuple _forward_scan(const unsigned char[::1] buf, Py_ssize_t start, uint64_
         while off + FRAME_HEADER <= end:
             p = base + off
             flen = pmq_load_u32(p + 8)
-            if flen >= FRAME_HEADER + RECORD_HEADER and flen <= max_frame and off + <Py_ssize_t>flen <= end:
+            if (flen >= FRAME_HEADER + RECORD_HEADER and flen <= max_frame
+                    and off + <Py_ssize_t>flen <= end):
                 first = <int64_t>pmq_load_u64(p + 16)
                 if first >= min_seq and pmq_load_u64(p) == _frame_checksum(p, flen, salt):
                     if found_off < 0:
