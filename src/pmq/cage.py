@@ -1,0 +1,440 @@
+"""The facade users see: a Cage, its lifecycle, execute/aexecute and transactions.
+
+Owns: configuration, starting and stopping the store, dispatcher and maintenance in order,
+turning a CallSpec from the proxy into a stored call, waiting for its durability, and the
+``pmq.execute`` / ``pmq.aexecute`` proxies that reach the cage running the current handler.
+Must not: parse frames, touch journal bytes or run handlers itself.
+
+Invariants:
+- ``execute`` and ``aexecute`` return only once the call is durable (per the durability mode).
+- A transaction's calls are one journal frame and one fsync; a block that raises stores nothing.
+- The blocking ``execute`` refuses to run on the cage's own event-loop thread (it would block
+  the loop that has to make its own progress) and says to use ``aexecute``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pmq._codec import pack_arguments
+from pmq._config import QueuePolicy, load_config, parse_address, policies_from
+from pmq._names import check_cage_name, check_call_id
+from pmq.dispatch import Dispatcher, Registry, current_cage, current_call
+from pmq.errors import QueueFull, Timeout
+from pmq.proxy import CallSpec, Proxy, Target
+from pmq.store import CallStatus, DeadLetter, NewCall, Store
+
+__all__ = ["Cage", "Transaction", "aexecute", "execute"]
+
+log = logging.getLogger("pmq.cage")
+
+MAINTENANCE_SECONDS = 1.0
+LOOPBACK_QUEUE = "loopback_queue"
+
+
+class Cage:
+    """A process's pmq endpoint: a name, a data directory and the modules it exposes.
+
+    Args:
+        name: the cage's name (``[A-Za-z0-9_-]{1,32}``, not ending in ``_queue``).
+        data_dir: where its journal and checkpoint live; one cage per directory.
+        listen: "host:port" to accept other cages on (used by the transport).
+        peers: {cage name: "host:port"} of the cages this one calls.
+        secret: shared secret for the handshake between cages.
+        queues: {queue name: QueuePolicy or mapping}; "default" applies to the rest.
+        durability: "always" (fsync before execute returns), "interval" or "never".
+        workers: threads running plain (non-async) handlers.
+        retention: seconds a user id (``id=``) is remembered against duplicates.
+        expose: {module name: object} to expose at once (or call ``expose`` later).
+        segment_bytes: journal segment size.
+
+    Raises:
+        ValueError, TypeError: a bad argument, named in the message.
+    """
+
+    def __init__(self, name: str, data_dir: str | os.PathLike[str], *,
+                 listen: str | None = None, peers: Mapping[str, str] | None = None,
+                 secret: bytes | None = None,
+                 queues: Mapping[str, QueuePolicy | Mapping[str, Any]] | None = None,
+                 durability: str = "always", workers: int = 16, retention: float = 259_200.0,
+                 expose: Mapping[str, object] | None = None,
+                 segment_bytes: int = 64 << 20) -> None:
+        self.name = check_cage_name(name)
+        self.data_dir = os.fspath(data_dir)
+        self.listen = parse_address(listen) if listen is not None else None
+        self.peers = {check_cage_name(peer): parse_address(address)
+                      for peer, address in (peers or {}).items()}
+        if secret is not None and not isinstance(secret, bytes):
+            raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
+        self.secret = secret
+        self.policies = policies_from(queues)
+        if durability not in ("always", "interval", "never"):
+            raise ValueError(f"durability must be 'always', 'interval' or 'never', "
+                             f"not {durability!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self.durability = durability
+        self.workers = workers
+        self.retention = retention
+        self.segment_bytes = segment_bytes
+        self.registry = Registry()
+        for module, obj in (expose or {}).items():
+            self.registry.expose(module, obj)
+        self.store: Store | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._own_loop = False
+        self.execute: Proxy[str | None] = Proxy(self._submit)
+        self.aexecute: Proxy[Any] = Proxy(self._asubmit)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str]) -> Cage:
+        """A cage configured by a TOML file whose keys are this constructor's keywords."""
+        return cls(**load_config(path))  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        state = "running" if self._loop is not None else "stopped"
+        return f"<Cage {self.name!r} {state} data_dir={self.data_dir!r}>"
+
+    def expose(self, name: str, obj: object) -> None:
+        """Make `obj`'s public callables callable by other cages (and this one) as `name.x`."""
+        self.registry.expose(name, obj)
+
+    def policy(self, queue: str) -> QueuePolicy:
+        """The policy of `queue`: its own entry in `queues`, else "default", else defaults."""
+        return self.policies.get(queue) or self.policies.get("default") or QueuePolicy()
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    def _open(self) -> None:
+        if self.store is not None:
+            raise RuntimeError(f"cage {self.name!r} is already started")
+        self.store = Store(self.data_dir, self.name, durability=self.durability,
+                           segment_bytes=self.segment_bytes, retention=self.retention)
+        self.dispatcher = Dispatcher(self.store, self.registry, self.policy, self,
+                                     workers=self.workers)
+
+    def start(self) -> None:
+        """Open the data directory and run the cage on a background thread with its own loop.
+
+        Raises:
+            JournalLocked: another process (or cage) has the data directory open.
+            JournalCorruption: the data directory is damaged.
+        """
+        self._open()
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve(ready))
+            except BaseException as exc:  # reported to start() or logged: never lost silently
+                failure.append(exc)
+                log.exception("cage %s stopped on an error", self.name)
+                ready.set()
+            finally:
+                loop.close()
+
+        self._own_loop = True
+        self._thread = threading.Thread(target=main, name=f"pmq-cage-{self.name}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._close_store()
+            raise failure[0]
+
+    async def _serve(self, ready: threading.Event | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        assert self.dispatcher is not None
+        self._tasks = [asyncio.create_task(self.dispatcher.run()),
+                       asyncio.create_task(self._maintain())]
+        if ready is not None:
+            ready.set()
+        for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                raise outcome  # the dispatcher or maintenance failed: start()/the log says so
+
+    async def _maintain(self) -> None:
+        """Checkpoint and reclaim space in the background, off the event loop."""
+        loop = asyncio.get_running_loop()
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(MAINTENANCE_SECONDS)
+            await loop.run_in_executor(None, self.store.maintain)
+
+    def stop(self) -> None:
+        """Finish running handlers, write a checkpoint and close the data directory."""
+        if self._loop is None or self._thread is None:
+            return
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("stop() called from the cage's own event loop; use "
+                               "`await cage.astop()` there")
+        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        future.result()
+        self._thread.join()
+        self._thread = None
+        self._close_store()
+
+    async def astop(self) -> None:
+        """Stop a cage started with ``async with`` (or from its own loop)."""
+        await self._shutdown()
+        if not self._own_loop:
+            self._close_store()
+
+    async def _shutdown(self) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.stop()
+        dispatch_task, *others = self._tasks
+        for task in others:
+            task.cancel()
+        await asyncio.gather(dispatch_task, *others, return_exceptions=True)
+        self._loop = None
+
+    def _close_store(self) -> None:
+        store, self.store = self.store, None
+        self.dispatcher = None
+        if store is not None:
+            store.close()
+
+    def __enter__(self) -> Cage:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Cage:
+        """Run the cage on the caller's event loop."""
+        self._open()
+        self._own_loop = False
+        asyncio.create_task(self._serve())
+        await asyncio.sleep(0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.astop()
+
+    # ---- making calls --------------------------------------------------------------------
+
+    def _new_call(self, spec: CallSpec) -> NewCall:
+        """Validate and encode a queued call (TypeError names an argument that cannot travel)."""
+        if not spec.queued:
+            raise ValueError(
+                f"execute.on({spec.target!r}) is a synchronous call; synchronous calls between "
+                f"cages arrive with the transport. Queue it instead: "
+                f"execute.on({spec.target + '_queue'!r})")
+        if spec.target in ("loopback", self.name):
+            queue, outbound = LOOPBACK_QUEUE, False
+        elif spec.target in self.peers:
+            queue, outbound = f"{spec.target}_queue", True
+        else:
+            known = ", ".join(sorted(self.peers)) or "none"
+            raise ValueError(f"unknown peer {spec.target!r} in execute.on({spec.target}_queue): "
+                             f"cage {self.name!r} knows the peers: {known}")
+        user_id = spec.user_id
+        if user_id is not None:
+            check_call_id(user_id)
+            parent = current_call()
+            if parent is not None and current_cage() is self:
+                user_id = f"{parent.call_id}:{user_id}"
+        arguments = pack_arguments(spec.args, spec.kwargs)
+        limit = self._store().journal.max_payload_bytes - 1024
+        if len(arguments) > limit:
+            raise ValueError(f"the arguments of {spec.module}.{spec.method} take "
+                             f"{len(arguments)} bytes, over this cage's limit of {limit} bytes")
+        deadline = time.time() + spec.expires_in if spec.expires_in is not None else None
+        return NewCall(queue, outbound, spec.module, spec.method, arguments, user_id, deadline,
+                       self.name)
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError(f"cage {self.name!r} is not started: call start() first")
+        return self.store
+
+    def _limit(self, queue: str) -> tuple[int, int]:
+        policy = self.policy(queue)
+        return policy.max_pending, policy.max_pending_bytes
+
+    def _submit(self, spec: CallSpec) -> str | None:
+        if self._loop is not None and _running_loop() is self._loop:
+            raise RuntimeError(
+                f"cage.execute blocks until the call is on disk, which would stall cage "
+                f"{self.name!r}'s own event loop; use `await cage.aexecute.on(...)` (or "
+                f"`await pmq.aexecute.on(...)` in a handler) there")
+        store = self._store()
+        ids, seq = store.enqueue([self._new_call(spec)], self._limit)
+        if seq:
+            store.journal.sync(seq)
+            self._notify()
+        return ids[0]
+
+    async def _asubmit(self, spec: CallSpec) -> str | None:
+        store = self._store()
+        call = self._new_call(spec)
+        while True:
+            try:
+                ids, seq = store.enqueue([call], self._limit)
+                break
+            except QueueFull:
+                if not spec.wait:
+                    raise
+                await asyncio.sleep(0.05)  # wait=True: back-pressure reaches the caller as a wait
+        if seq:
+            await store.journal.sync_async(seq)
+            self._notify()
+        return ids[0]
+
+    def _notify(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.notify()
+
+    def transaction(self) -> Transaction:
+        """Queued calls that are stored together, with one fsync, or not at all."""
+        return Transaction(self)
+
+    def atransaction(self) -> Transaction:
+        """``async with cage.atransaction() as xa:``: a transaction that awaits durability."""
+        return Transaction(self)
+
+    # ---- looking at it -------------------------------------------------------------------
+
+    def call_status(self, call_id: str) -> CallStatus:
+        """Where a call made by this cage (or accepted by it) is: see CallStatus."""
+        return self._store().status(call_id)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return self._store().dead_letters()
+
+    def replay(self, call_id: str) -> None:
+        """Send a dead letter back to its queue with its attempts reset."""
+        self._store().revive(call_id)
+        self._notify()
+
+    def purge(self, call_id: str) -> None:
+        """Delete a dead letter for good."""
+        self._store().purge(call_id)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the store, the dispatcher and the journal (docs/operations.md)."""
+        store = self._store()
+        stats = store.stats()
+        if self.dispatcher is not None:
+            stats["dispatch"] = dict(self.dispatcher.counters)
+        return stats
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every queued call has completed or gone to the dead letters.
+
+        Calls waiting for another cage count too, so with peers this also waits for the
+        transport to deliver them.
+
+        Raises:
+            Timeout: calls were still pending after `timeout` seconds.
+        """
+        store = self._store()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while store.outstanding():
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"cage {self.name!r}: {store.outstanding()} calls still pending "
+                              f"after {timeout} s")
+            time.sleep(0.005)
+
+    async def adrain(self, timeout: float | None = None) -> None:
+        """``drain`` for asyncio code."""
+        store = self._store()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while store.outstanding():
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"cage {self.name!r}: {store.outstanding()} calls still pending "
+                              f"after {timeout} s")
+            await asyncio.sleep(0.005)
+
+
+class Transaction:
+    """Collects queued calls; stores them in one frame when the block ends without an error.
+
+    ``xa.on(...).module.method(...)`` returns None; after the block ``xa.call_ids`` holds the
+    ids in call order.
+    """
+
+    def __init__(self, cage: Cage) -> None:
+        self._cage = cage
+        self._calls: list[NewCall] = []
+        self.call_ids: list[str] = []
+        self._proxy: Proxy[None] = Proxy(self._add)
+
+    def on(self, target: str, *, id: str | None = None,
+           expires_in: float | None = None) -> Target[None]:
+        return self._proxy.on(target, id=id, expires_in=expires_in)
+
+    def _add(self, spec: CallSpec) -> None:
+        self._calls.append(self._cage._new_call(spec))
+
+    def _commit_begin(self) -> int:
+        if not self._calls:
+            return 0
+        ids, seq = self._cage._store().enqueue(self._calls, self._cage._limit)
+        self.call_ids = ids
+        self._calls = []
+        return seq
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self._calls = []
+            return
+        seq = self._commit_begin()
+        if seq:
+            self._cage._store().journal.sync(seq)
+            self._cage._notify()
+
+    async def __aenter__(self) -> Transaction:
+        return self
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self._calls = []
+            return
+        seq = self._commit_begin()
+        if seq:
+            await self._cage._store().journal.sync_async(seq)
+            self._cage._notify()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _handler_cage() -> Cage:
+    cage = current_cage()
+    if cage is None:
+        raise RuntimeError("pmq.execute and pmq.aexecute work inside a handler; elsewhere use "
+                           "cage.execute / cage.aexecute")
+    return cage  # type: ignore[no-any-return]
+
+
+def _submit_current(spec: CallSpec) -> str | None:
+    return _handler_cage()._submit(spec)
+
+
+async def _asubmit_current(spec: CallSpec) -> Any:
+    return await _handler_cage()._asubmit(spec)
+
+
+execute: Proxy[str | None] = Proxy(_submit_current)
+aexecute: Proxy[Any] = Proxy(_asubmit_current)

@@ -1,0 +1,477 @@
+"""Runs accepted calls: handler lookup, worker threads, retries, deadlines, dead letters.
+
+Owns: the registry of exposed objects, when each call runs (concurrency, order, backoff with
+jitter, deadlines), running plain handlers on worker threads and ``async def`` handlers on the
+event loop, what an outcome means (success, failure, Retry, Reject, not exposed, expired,
+too many attempts or crashes), and ``current_call()``. Must not: know the wire or the disk
+format; everything durable goes through pmq.store.
+
+Invariants:
+- A call's ATTEMPT record is durable before its handler starts (store.begin_attempts, then the
+  journal's sync), so a process that dies inside a handler is counted as a crash.
+- This module holds the only broad ``except Exception``: a handler's failure is an outcome,
+  never a crash of the dispatcher.
+- An ordered queue runs one call at a time, in order; a failing head blocks it until it
+  succeeds or goes to the dead letters.
+- A call that was running when the process died (crashes > 0) runs alone in its queue until it
+  succeeds: when a poison call kills the process, the calls that happened to run beside it are
+  charged one crash but can never be charged a second, so only the culprit reaches max_crashes.
+- Worker threads wake the event loop once per batch of results, not once per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import inspect
+import logging
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from pmq._codec import unpack_arguments
+from pmq._config import QueuePolicy
+from pmq._names import check_identifier
+from pmq.errors import Reject, Retry
+from pmq.store import Store, StoredCall
+
+__all__ = ["CallInfo", "Dispatcher", "Registry", "current_call"]
+
+log = logging.getLogger("pmq.dispatch")
+
+BATCH_CALLS = 512  # calls taken from one queue per round
+QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
+WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
+
+
+class CallInfo(NamedTuple):
+    """What a handler may know about the call it is running (``pmq.current_call()``)."""
+
+    call_id: str
+    user_id: str | None
+    attempt: int  # 1 for the first attempt
+    created: float  # when the call was made (seconds since the epoch)
+    first_attempt: float  # when its first attempt started in this process' knowledge
+    deadline: float | None
+    source: str
+    queue: str
+
+
+_current: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
+    "pmq_current_call", default=None)
+_current_cage: contextvars.ContextVar[Any] = contextvars.ContextVar("pmq_current_cage",
+                                                                    default=None)
+
+
+def current_call() -> CallInfo | None:
+    """The call this handler is running, or None outside a handler."""
+    return _current.get()
+
+
+def current_cage() -> Any:
+    """The cage running the current handler, or None outside a handler."""
+    return _current_cage.get()
+
+
+class Registry:
+    """The objects a cage exposes, by module name; only their public callables are callable."""
+
+    def __init__(self) -> None:
+        self._modules: dict[str, object] = {}
+        self._resolved: dict[tuple[str, str], tuple[Callable[..., Any], bool] | None] = {}
+
+    def expose(self, name: str, obj: object) -> None:
+        """Make `obj`'s public callables callable as `name.<method>`.
+
+        Raises:
+            ValueError: `name` is not a valid module name or is already exposed.
+        """
+        check_identifier("module", name)
+        if name in self._modules:
+            raise ValueError(f"module {name!r} is already exposed")
+        self._modules[name] = obj
+        self._resolved.clear()
+
+    def resolve(self, module: str, method: str) -> tuple[Callable[..., Any], bool] | None:
+        """(handler, is it ``async def``) for `module.method`, or None when it is not exposed."""
+        try:
+            return self._resolved[(module, method)]
+        except KeyError:
+            pass
+        obj = self._modules.get(module)
+        found: tuple[Callable[..., Any], bool] | None = None
+        if obj is not None and not method.startswith("_"):
+            handler = getattr(obj, method, None)
+            if handler is not None and callable(handler) and not inspect.isclass(handler):
+                found = (handler, inspect.iscoroutinefunction(handler))
+        if len(self._resolved) < 10_000:
+            self._resolved[(module, method)] = found
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self._modules)
+
+
+class _Run:
+    """One attempt of one call, from its start to its outcome."""
+
+    __slots__ = ("call", "error", "handler", "info", "is_async", "outcome", "retry_after")
+
+    def __init__(self, call: StoredCall, handler: Callable[..., Any], is_async: bool,
+                 info: CallInfo) -> None:
+        self.call = call
+        self.handler = handler
+        self.is_async = is_async
+        self.info = info
+        self.outcome = ""  # "done", "failed", "retry" or "reject"
+        self.error = ""
+        self.retry_after: float | None = None
+
+
+class _QueueState:
+    __slots__ = ("held", "policy", "running", "suspects", "suspect_running")
+
+    def __init__(self, policy: QueuePolicy) -> None:
+        self.policy = policy
+        self.running = 0  # attempts started and not finished
+        self.held = 0  # calls waiting for a retry (an ordered queue waits for them)
+        self.suspects: deque[StoredCall] = deque()  # crashed before: each runs alone
+        self.suspect_running = False
+
+
+class Dispatcher:
+    """Takes calls from the store's local queues and runs them.
+
+    Args:
+        store: the cage's store.
+        registry: the exposed objects.
+        policy: the QueuePolicy of a queue name.
+        cage: the Cage, made reachable to handlers through ``pmq.execute``.
+        workers: threads that run plain (non-async) handlers.
+    """
+
+    def __init__(self, store: Store, registry: Registry, policy: Callable[[str], QueuePolicy],
+                 cage: Any, workers: int = 16) -> None:
+        self.store = store
+        self.registry = registry
+        self._policy = policy
+        self._cage = cage
+        self._workers = workers
+        self._queues: dict[str, _QueueState] = {}
+        self._retries: list[tuple[float, int, StoredCall]] = []  # (due, key, call) heap
+        self._first_attempt: dict[int, float] = {}
+        self._jobs: deque[_Run] = deque()  # plain handlers waiting for a worker
+        self._jobs_ready = threading.Condition()
+        self._workers_stop = False
+        self._handler_seconds = 0.0  # moving mean of plain handlers' duration
+        self._results: list[_Run] = []
+        self._results_lock = threading.Lock()
+        self._signalled = False
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._stopping = False
+        self._random = random.Random()
+        self.counters = dict.fromkeys(("executed", "failed", "retried", "rejected", "expired",
+                                       "not_exposed", "too_many_attempts", "crashed"), 0)
+
+    # ---- waking the loop -----------------------------------------------------------------
+
+    def notify(self) -> None:
+        """New calls may be ready (thread-safe; coalesces wake-ups)."""
+        loop = self._loop
+        if loop is None:
+            return
+        with self._results_lock:
+            if self._signalled:
+                return
+            self._signalled = True
+        if _running_loop() is loop:
+            self._wake.set()  # type: ignore[union-attr]
+        else:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+            except RuntimeError:
+                pass  # the loop is closed: the cage is stopping
+
+    def _report(self, run: _Run) -> None:
+        """Called by a worker thread or a task when an attempt has an outcome."""
+        with self._results_lock:
+            self._results.append(run)
+            if self._signalled:
+                return
+            self._signalled = True
+        loop = self._loop
+        if loop is not None:
+            if _running_loop() is loop:
+                self._wake.set()  # type: ignore[union-attr]
+            else:
+                try:
+                    loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+                except RuntimeError:
+                    pass
+
+    # ---- the main loop -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch until stop() is called and nothing is running."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        for i in range(self._workers):
+            thread = threading.Thread(target=self._work, name=f"pmq-worker-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        try:
+            while True:
+                self._wake.clear()
+                with self._results_lock:
+                    self._signalled = False
+                    results, self._results = self._results, []
+                if results:
+                    self._settle(results)
+                if self._stopping:
+                    if not any(q.running for q in self._queues.values()):
+                        break
+                else:
+                    started = await self._start_ready()
+                    if started:
+                        continue
+                timeout = None
+                if self._retries and not self._stopping:
+                    timeout = max(0.0, self._retries[0][0] - time.monotonic())
+                if self._jobs:
+                    timeout = WAKE_MORE_SECONDS if timeout is None else min(timeout,
+                                                                           WAKE_MORE_SECONDS)
+                    with self._jobs_ready:
+                        self._jobs_ready.notify(1)  # calls are waiting: one more worker
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    pass
+        finally:
+            with self._jobs_ready:
+                self._workers_stop = True
+                self._jobs_ready.notify_all()
+            waiting = [entry[2] for entry in self._retries]
+            for state in self._queues.values():
+                waiting += state.suspects
+                state.suspects.clear()
+            self.store.give_back(waiting)
+            self._retries = []
+
+    def stop(self) -> None:
+        """Start no new attempts; run() returns once running handlers have finished."""
+        self._stopping = True
+        self.notify()
+        if self._wake is not None and _running_loop() is self._loop:
+            self._wake.set()
+
+    def _state(self, name: str) -> _QueueState:
+        state = self._queues.get(name)
+        if state is None:
+            state = self._queues[name] = _QueueState(self._policy(name))
+        return state
+
+    async def _start_ready(self) -> int:
+        now = time.monotonic()
+        runs: list[_Run] = []
+        while self._retries and self._retries[0][0] <= now:
+            _, _, call = heapq.heappop(self._retries)
+            state = self._state(call.queue)
+            state.held -= 1
+            if call.crashes:
+                state.suspects.append(call)
+            else:
+                self._prepare(call, runs)
+        for name in self.store.queue_names(outbound=False):
+            state = self._state(name)
+            if state.suspect_running:
+                continue
+            if state.policy.ordered:
+                room = 0 if state.running or state.held else 1
+            else:
+                room = state.policy.concurrency - state.running
+            if room <= 0:
+                continue
+            if not state.suspects:
+                for call in self.store.take(name, min(room, BATCH_CALLS)):
+                    if call.crashes:
+                        state.suspects.append(call)
+                    else:
+                        self._prepare(call, runs)
+            if state.suspects and state.running == 0 and not any(
+                    r.call.queue == name for r in runs):
+                suspect = state.suspects.popleft()
+                before = len(runs)
+                self._prepare(suspect, runs)
+                state.suspect_running = len(runs) > before
+        if not runs:
+            return 0
+        seq = self.store.begin_attempts([run.call for run in runs])
+        await self.store.journal.sync_async(seq)  # the attempt is on disk before it runs
+        plain = 0
+        for run in runs:
+            if run.is_async:
+                context = contextvars.copy_context()
+                context.run(self._enter, run)
+                self._loop.create_task(self._run_async(run), context=context)  # type: ignore[union-attr]
+            else:
+                self._jobs.append(run)
+                plain += 1
+        if plain:
+            # A worker runs calls until the deque is empty: a batch of quick handlers is one
+            # wake-up, not a thread switch per call. Slow handlers get a worker each (and the
+            # run loop wakes more while jobs keep waiting).
+            quick = self._handler_seconds < QUICK_HANDLER_SECONDS
+            with self._jobs_ready:
+                self._jobs_ready.notify(1 if quick else min(plain, self._workers))
+        return len(runs)
+
+    def _prepare(self, call: StoredCall, runs: list[_Run]) -> None:
+        """Check a call that is about to run; bury it instead when it must not run."""
+        state = self._state(call.queue)
+        policy = state.policy
+        if call.deadline is not None and time.time() > call.deadline:
+            self._bury(call, "expired", "its deadline passed before it could run")
+            self.counters["expired"] += 1
+            return
+        if call.crashes >= policy.max_crashes:
+            self._bury(call, "crashed",
+                       f"the process died during {call.crashes} of its attempts (max_crashes "
+                       f"{policy.max_crashes})")
+            self.counters["crashed"] += 1
+            return
+        resolved = self.registry.resolve(call.module, call.method)
+        if resolved is None:
+            self._bury(call, "not exposed",
+                       f"{call.module}.{call.method} is not exposed by this cage "
+                       f"(exposed modules: {', '.join(self.registry.names()) or 'none'})")
+            self.counters["not_exposed"] += 1
+            return
+        first = self._first_attempt.setdefault(call.key, time.time())
+        info = CallInfo(call.call_id, call.user_id, call.attempt + 1, call.created, first,
+                        call.deadline, call.source, call.queue)
+        state.running += 1
+        runs.append(_Run(call, resolved[0], resolved[1], info))
+
+    def _enter(self, run: _Run) -> None:
+        _current.set(run.info)
+        _current_cage.set(self._cage)
+
+    def _work(self) -> None:
+        """A worker thread: run plain handlers, one call at a time, until none are waiting."""
+        jobs = self._jobs
+        while True:
+            try:
+                run = jobs.popleft()
+            except IndexError:
+                with self._jobs_ready:
+                    while not jobs and not self._workers_stop:
+                        self._jobs_ready.wait()
+                    if self._workers_stop and not jobs:
+                        return
+                continue
+            token = _current.set(run.info)
+            cage_token = _current_cage.set(self._cage)
+            started = time.perf_counter()
+            try:
+                args, kwargs = unpack_arguments(run.call.arguments)
+                run.handler(*args, **kwargs)
+                run.outcome = "done"
+            except BaseException as exc:  # the outcome of the handler, whatever it raised
+                _classify(run, exc)
+            finally:
+                _current.reset(token)
+                _current_cage.reset(cage_token)
+            self._handler_seconds += (time.perf_counter() - started - self._handler_seconds) / 16
+            self._report(run)
+
+    async def _run_async(self, run: _Run) -> None:
+        try:
+            args, kwargs = unpack_arguments(run.call.arguments)
+            await run.handler(*args, **kwargs)
+            run.outcome = "done"
+        except BaseException as exc:  # the outcome of the handler, whatever it raised
+            _classify(run, exc)
+        self._report(run)
+
+    def _settle(self, results: list[_Run]) -> None:
+        """Record the outcomes of finished attempts: one DONE and one FAIL record per batch.
+
+        A call that goes to the dead letters needs no FAIL record: DEAD closes its attempt.
+        """
+        done: list[StoredCall] = []
+        failed: list[StoredCall] = []
+        for run in results:
+            call = run.call
+            state = self._state(call.queue)
+            state.running -= 1
+            if call.crashes:
+                state.suspect_running = False
+            if run.outcome == "done":
+                done.append(call)
+                self._first_attempt.pop(call.key, None)
+                continue
+            if run.outcome == "reject":
+                self._bury(call, "rejected", run.error)
+                self.counters["rejected"] += 1
+                continue
+            policy = state.policy
+            if run.outcome == "failed":
+                self.counters["failed"] += 1
+                log.error("call %s (%s.%s) failed on attempt %d:\n%s", call.call_id,
+                          call.module, call.method, call.attempt, run.error)
+            else:
+                self.counters["retried"] += 1
+                log.debug("call %s asked to be retried (attempt %d)", call.call_id, call.attempt)
+            if policy.max_attempts is not None and call.attempt >= policy.max_attempts:
+                self._bury(call, "max attempts",
+                           f"{call.attempt} attempts failed (max_attempts "
+                           f"{policy.max_attempts}); last error:\n{run.error}")
+                self.counters["too_many_attempts"] += 1
+                continue
+            delay = run.retry_after
+            if delay is None:
+                delay = policy.retry_delay(call.attempt, self._random)
+            if call.deadline is not None and time.time() + delay > call.deadline:
+                self._bury(call, "expired",
+                           f"its deadline passes before the next attempt; last error:\n{run.error}")
+                self.counters["expired"] += 1
+                continue
+            failed.append(call)
+            state.held += 1
+            heapq.heappush(self._retries, (time.monotonic() + delay, call.key, call))
+        if done or failed:
+            self.store.finish(done, failed)
+            self.counters["executed"] += len(done)
+
+    def _bury(self, call: StoredCall, reason: str, detail: str) -> None:
+        self._first_attempt.pop(call.key, None)
+        self.store.bury(call, reason, detail)
+        log.warning("call %s (%s.%s) moved to the dead letters: %s", call.call_id, call.module,
+                    call.method, reason)
+
+
+def _classify(run: _Run, exc: BaseException) -> None:
+    if isinstance(exc, Retry):
+        run.outcome = "retry"
+        run.retry_after = exc.after
+        run.error = "pmq.Retry"
+    elif isinstance(exc, Reject):
+        run.outcome = "reject"
+        run.error = exc.reason
+    else:
+        run.outcome = "failed"
+        run.error = "".join(traceback.format_exception(exc))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,709 @@
+"""Queue state on the journal: local and outbound queues, attempts, dead letters, user ids.
+
+Owns: what a call *is* on disk (records in the journal, a checkpoint beside it), which calls are
+pending where, how many attempts and crashes each has had, the dead letters, the user-id window,
+and winning space back. Must not: know about sockets, frames, threads that run handlers, or
+timing policy (the dispatcher decides when a call runs; the store records what happened).
+
+Invariants:
+- A call's key is the journal seq of the record that created it; the record carries the key,
+  so a copy moved forward by relocation is still the same call.
+- Every record is appended under ``_lock`` together with the in-memory change it describes, so
+  memory and journal agree in order; callers wait for durability outside the lock (group commit).
+- A call is handed out by ``take`` only once its record is durable (written, in the weaker
+  durability modes): nothing runs that a crash could make unhappen.
+- ATTEMPT is appended, and the dispatcher waits for it to be durable, before a handler starts: a
+  process that dies inside a handler is counted as a crash on the next start.
+- Memory holds keys and a few counters per pending call, not payloads: payloads of recent calls
+  sit in a bounded cache, others are read back from the journal when they are taken.
+- The journal's floor only rises past records that a durable checkpoint no longer needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+import time
+from array import array
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import msgpack
+
+from pmq._checkpoint import read_checkpoint, write_checkpoint
+from pmq._journal import Journal
+from pmq.errors import JournalCorruption, QueueFull
+
+__all__ = ["CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
+
+log = logging.getLogger("pmq.store")
+
+# Record kinds: the first element of every msgpack array the store appends.
+K_CALL = 1  # [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
+K_ATTEMPT = 2  # [2, [key, attempt, key, attempt, ...]]  attempts started
+K_FAIL = 3  # [3, [key, attempt, ...]]  attempts that ended without success
+K_DONE = 4  # [4, [key, ...]]  completed: forget the call
+K_DEAD = 5  # [5, key, queue, outbound, reason, detail, at]
+K_REVIVE = 6  # [6, key]  a dead letter goes back to its queue
+K_PURGE = 7  # [7, key]  a dead letter is deleted
+
+RECENT_DONE = 100_000  # completed keys remembered for call_status (memory only)
+DETAIL_MAX_CHARS = 16_384
+RELOCATE_MAX = 10_000  # a head segment pinned by at most this many calls gets them copied forward
+
+
+class NewCall(NamedTuple):
+    """A call to store, as the proxy and the codec made it."""
+
+    queue: str  # "loopback_queue" (run here) or "<peer>_queue" (waits for the transport)
+    outbound: bool
+    module: str
+    method: str
+    arguments: bytes  # pmq._codec.pack_arguments(args, kwargs)
+    user_id: str | None  # the full id (already "<parent>:<id>" inside a handler)
+    deadline: float | None  # seconds since the epoch
+    source: str  # the cage that made the call
+
+
+class StoredCall:
+    """A call handed out by ``take``: everything needed to run or send it."""
+
+    __slots__ = ("arguments", "attempt", "call_id", "crashes", "created", "deadline", "key",
+                 "method", "module", "outbound", "queue", "source", "user_id")
+
+    def __init__(self, key: int, call_id: str, fields: list[Any], attempt: int, crashes: int):
+        self.key = key
+        self.call_id = call_id
+        _, _, self.queue, self.outbound, self.user_id, self.module, self.method = fields[:7]
+        self.arguments, self.deadline, self.created, self.source = fields[7:11]
+        self.attempt = attempt  # attempts already started before this one
+        self.crashes = crashes
+
+    def __repr__(self) -> str:
+        return f"<StoredCall {self.call_id} {self.module}.{self.method} attempt {self.attempt}>"
+
+
+class CallStatus(NamedTuple):
+    """Where a call is: stored, transmitted, accepted, executed, dead or unknown."""
+
+    state: str
+    reason: str | None = None
+    attempts: int = 0
+
+
+class DeadLetter(NamedTuple):
+    """A call that will not run again unless replayed."""
+
+    call_id: str
+    queue: str
+    module: str
+    method: str
+    reason: str
+    detail: str
+    at: float
+    attempts: int
+
+
+class _Queue:
+    __slots__ = ("bytes", "name", "outbound", "pending", "sorted")
+
+    def __init__(self, name: str, outbound: bool) -> None:
+        self.name = name
+        self.outbound = outbound
+        self.pending: deque[int] = deque()  # keys not handed out, in key order unless `sorted` is off
+        self.bytes = 0  # argument bytes of pending outbound calls (max_pending_bytes)
+        self.sorted = True
+
+
+class Store:
+    """Durable queue state of one cage in `directory` (a journal and a checkpoint).
+
+    Args:
+        directory: the cage's data directory.
+        cage_name: this cage's name (it prefixes automatic call ids).
+        durability, segment_bytes: passed to the journal.
+        retention: seconds a user id is remembered after its call was made (DESIGN.md §2).
+        cache_bytes: payloads of recent calls kept in memory; others are read back from disk.
+        checkpoint_bytes: journal growth after which ``maintain`` writes a checkpoint.
+
+    Raises:
+        JournalLocked: another process has the directory open.
+        JournalCorruption: the journal or the checkpoint is damaged.
+    """
+
+    def __init__(self, directory: str, cage_name: str, *, durability: str = "always",
+                 segment_bytes: int = 64 << 20, retention: float = 259_200.0,
+                 cache_bytes: int = 64 << 20, checkpoint_bytes: int = 64 << 20,
+                 checkpoint_interval: float = 60.0) -> None:
+        self.directory = os.path.abspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        self.cage_name = cage_name
+        self.retention = retention
+        self.journal = Journal(os.path.join(self.directory, "journal"), durability=durability,
+                               segment_bytes=segment_bytes)
+        self._always = durability == "always"
+        self._id_prefix = f"{cage_name}:{self.journal.journal_id.hex()[:8]}:"
+        self._lock = threading.Lock()
+        self._queues: dict[tuple[str, bool], _Queue] = {}  # (name, outbound) -> queue
+        self._taken: dict[int, StoredCall] = {}  # handed out, not finished
+        self._attempts: dict[int, int] = {}  # sparse: attempts started
+        self._crashes: dict[int, int] = {}  # sparse: attempts that died with the process
+        self._open: dict[int, int] = {}  # attempts started and not yet finished
+        self._moved: dict[int, int] = {}  # key -> seq of its relocated copy
+        self._sizes: dict[int, int] = {}  # outbound key -> argument bytes
+        self._dead: dict[int, list[Any]] = {}  # key -> [queue, outbound, reason, detail, at, attempts]
+        self._ids: dict[tuple[str, str], tuple[int, float]] = {}  # (source, user id) -> key, expiry
+        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._cache: dict[int, bytes] = {}
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._checkpoint_bytes = checkpoint_bytes
+        self._checkpoint_interval = checkpoint_interval
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self.counters = dict.fromkeys(("enqueued", "duplicates", "attempts", "completed",
+                                       "failed", "dead", "revived", "purged", "relocated"), 0)
+        try:
+            self._recover()
+        except BaseException:
+            self.journal.close()
+            raise
+
+    # ---- making calls --------------------------------------------------------------------
+
+    def enqueue(self, calls: list[NewCall],
+                limit: Callable[[str], tuple[int, int]] | None = None) -> tuple[list[str], int]:
+        """Append `calls` in one journal frame; return their ids and the seq to wait for.
+
+        A call whose user id was already accepted from the same source within the retention
+        window is not stored again: its id is returned and nothing else happens. The caller
+        must wait for the returned seq (``journal.sync``) before telling anyone the calls exist.
+
+        Raises:
+            QueueFull: an outbound queue is over `limit(queue)` = (max calls, max bytes).
+        """
+        now = time.time()
+        with self._lock:
+            seq = self.journal.next_seq
+            records: list[bytes] = []
+            ids: list[str] = []
+            fresh: list[tuple[int, NewCall]] = []
+            claimed: set[tuple[str, str]] = set()
+            for call in calls:
+                if call.user_id is not None:
+                    known = self._ids.get((call.source, call.user_id))
+                    if (known is not None and known[1] > now) or (call.source, call.user_id) in claimed:
+                        self.counters["duplicates"] += 1
+                        ids.append(call.user_id)
+                        continue
+                    claimed.add((call.source, call.user_id))
+                key = seq + len(records)
+                records.append(msgpack.packb(
+                    [K_CALL, key, call.queue, call.outbound, call.user_id, call.module,
+                     call.method, call.arguments, call.deadline, now, call.source],
+                    use_bin_type=True))
+                ids.append(call.user_id if call.user_id is not None else self._id_prefix + str(key))
+                fresh.append((key, call))
+            if not records:
+                return ids, 0
+            if limit is not None:
+                self._check_limits(fresh, limit)
+            last = (self.journal.append(records[0]) if len(records) == 1
+                    else self.journal.append_many(records))
+            assert last == seq + len(records) - 1, "store appends must be serialised"
+            for (key, call), record in zip(fresh, records, strict=True):
+                queue = self._queue(call.queue, call.outbound)
+                queue.pending.append(key)
+                if call.outbound:
+                    queue.bytes += len(call.arguments)
+                    self._sizes[key] = len(call.arguments)
+                if call.user_id is not None:
+                    self._ids[(call.source, call.user_id)] = (key, now + self.retention)
+                if self._cache_bytes + len(record) <= self._cache_limit:
+                    self._cache[key] = record
+                    self._cache_bytes += len(record)
+                self._since_checkpoint += len(record)
+            self.counters["enqueued"] += len(records)
+            return ids, last
+
+    def _check_limits(self, fresh: list[tuple[int, NewCall]],
+                      limit: Callable[[str], tuple[int, int]]) -> None:
+        adding: dict[str, list[int]] = {}
+        for _, call in fresh:
+            if call.outbound:
+                counts = adding.setdefault(call.queue, [0, 0])
+                counts[0] += 1
+                counts[1] += len(call.arguments)
+        for name, (count, size) in adding.items():
+            pending = self._count((name, True))
+            queue = self._queues.get((name, True))
+            pending_bytes = queue.bytes if queue else 0
+            max_calls, max_bytes = limit(name)
+            if pending + count > max_calls or pending_bytes + size > max_bytes:
+                raise QueueFull(name, pending, pending_bytes, max_calls, max_bytes)
+
+    def _count(self, qkey: tuple[str, bool]) -> int:
+        queue = self._queues.get(qkey)
+        waiting = len(queue.pending) if queue else 0
+        return waiting + sum(1 for c in self._taken.values() if (c.queue, c.outbound) == qkey)
+
+    def _queue(self, name: str, outbound: bool) -> _Queue:
+        queue = self._queues.get((name, outbound))
+        if queue is None:
+            queue = self._queues[(name, outbound)] = _Queue(name, outbound)
+        return queue
+
+    # ---- running calls -------------------------------------------------------------------
+
+    def visible_seq(self) -> int:
+        """Calls at or below this seq may be handed out (durable, or written when not 'always')."""
+        return self.journal.durable_seq if self._always else self.journal.written_seq
+
+    def take(self, queue_name: str, limit: int, outbound: bool = False) -> list[StoredCall]:
+        """Hand out up to `limit` of the queue's next calls, oldest first, with their payloads."""
+        visible = self.visible_seq()
+        with self._lock:
+            queue = self._queues.get((queue_name, outbound))
+            if queue is None or not queue.pending:
+                return []
+            if not queue.sorted:
+                queue.pending = deque(sorted(queue.pending))
+                queue.sorted = True
+            keys: list[int] = []
+            pending = queue.pending
+            while pending and len(keys) < limit and self._moved.get(pending[0], pending[0]) <= visible:
+                keys.append(pending.popleft())
+            if not keys:
+                return []
+            records = self._payloads(keys)
+            calls = []
+            for key in keys:
+                fields = msgpack.unpackb(records[key], raw=False, use_list=True)
+                user_id = fields[4]
+                call = StoredCall(key, user_id if user_id is not None else self._id_prefix + str(key),
+                                  fields, self._attempts.get(key, 0), self._crashes.get(key, 0))
+                self._taken[key] = call
+                calls.append(call)
+            return calls
+
+    def _payloads(self, keys: list[int]) -> dict[int, bytes]:
+        """The CALL records of `keys`: from the cache, else read back from the journal."""
+        found: dict[int, bytes] = {}
+        missing: dict[int, int] = {}  # seq -> key
+        for key in keys:
+            record = self._cache.pop(key, None)
+            if record is None:
+                missing[self._moved.get(key, key)] = key
+            else:
+                self._cache_bytes -= len(record)
+                found[key] = record
+        if missing:
+            seqs = sorted(missing)
+            for run in _runs(seqs, gap=4096):
+                for seq, payload in self.journal.replay(run[0], run[-1] + 1):
+                    if seq in missing:
+                        found[missing[seq]] = payload
+            lost = [missing[s] for s in seqs if missing[s] not in found]
+            if lost:
+                raise JournalCorruption(
+                    f"calls {lost[:5]} are pending but their records are not in the journal",
+                    self.journal.directory, 0)
+        return found
+
+    def begin_attempts(self, calls: list[StoredCall]) -> int:
+        """Record that `calls` are about to run; return the seq to wait for before running them."""
+        if not calls:
+            return 0
+        flat: list[int] = []
+        with self._lock:
+            for call in calls:
+                call.attempt += 1
+                self._attempts[call.key] = call.attempt
+                self._open[call.key] = call.attempt
+                flat += (call.key, call.attempt)
+            self.counters["attempts"] += len(calls)
+            return self._append([K_ATTEMPT, flat])
+
+    def finish(self, done: list[StoredCall], failed: list[StoredCall]) -> int:
+        """Record completed and failed attempts (one record each); return the seq appended.
+
+        Completion need not be waited for: if it is lost in a crash the call runs again, the
+        one documented case of a repeated execution (DESIGN.md §2).
+        """
+        seq = 0
+        with self._lock:
+            if done:
+                for call in done:
+                    self._forget(call)
+                    self._recent[call.key] = None
+                while len(self._recent) > RECENT_DONE:
+                    self._recent.popitem(last=False)
+                seq = self._append([K_DONE, [c.key for c in done]])
+                self.counters["completed"] += len(done)
+            if failed:
+                flat: list[int] = []
+                for call in failed:
+                    self._open.pop(call.key, None)
+                    flat += (call.key, call.attempt)
+                seq = self._append([K_FAIL, flat])
+                self.counters["failed"] += len(failed)
+        return seq
+
+    def give_back(self, calls: Iterable[StoredCall]) -> None:
+        """Return handed-out calls to the front of their queues (a stop, or a retry that is due)."""
+        with self._lock:
+            for call in calls:
+                if self._taken.pop(call.key, None) is None:
+                    continue
+                queue = self._queue(call.queue, call.outbound)
+                queue.pending.appendleft(call.key)
+                queue.sorted = False
+
+    def bury(self, call: StoredCall, reason: str, detail: str = "") -> int:
+        """Move `call` to the dead letters with `reason`; return the seq appended."""
+        detail = detail[-DETAIL_MAX_CHARS:]
+        now = time.time()
+        with self._lock:
+            attempts = self._attempts.get(call.key, call.attempt)
+            self._taken.pop(call.key, None)
+            self._drop_counters(call.key)
+            self._release_size(call.key, (call.queue, call.outbound))
+            self._dead[call.key] = [call.queue, call.outbound, reason, detail, now, attempts]
+            self.counters["dead"] += 1
+            return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now])
+
+    def _forget(self, call: StoredCall) -> None:
+        self._taken.pop(call.key, None)
+        self._drop_counters(call.key)
+        self._moved.pop(call.key, None)
+        self._release_size(call.key, (call.queue, call.outbound))
+
+    def _release_size(self, key: int, qkey: tuple[str, bool]) -> None:
+        size = self._sizes.pop(key, None)
+        queue = self._queues.get(qkey)
+        if size is not None and queue is not None:
+            queue.bytes -= size
+
+    def _drop_counters(self, key: int) -> None:
+        self._attempts.pop(key, None)
+        self._crashes.pop(key, None)
+        self._open.pop(key, None)
+        record = self._cache.pop(key, None)
+        if record is not None:
+            self._cache_bytes -= len(record)
+
+    def _append(self, record: list[Any]) -> int:
+        payload = msgpack.packb(record, use_bin_type=True)
+        self._since_checkpoint += len(payload)
+        return self.journal.append(payload)
+
+    # ---- dead letters and status ---------------------------------------------------------
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        with self._lock:
+            items = sorted(self._dead.items())
+            records = self._payloads([key for key, _ in items])  # dead letters are never cached
+        letters = []
+        for key, (queue, _outbound, reason, detail, at, attempts) in items:
+            fields = msgpack.unpackb(records[key], raw=False)
+            call_id = fields[4] if fields[4] is not None else self._id_prefix + str(key)
+            letters.append(DeadLetter(call_id, queue, fields[5], fields[6], reason, detail, at,
+                                      attempts))
+        return letters
+
+    def revive(self, call_id: str) -> None:
+        """Put a dead letter back in its queue with its attempt count reset.
+
+        Raises:
+            KeyError: `call_id` is not a dead letter.
+        """
+        with self._lock:
+            key = self._key_of(call_id)
+            if key is None or key not in self._dead:
+                raise KeyError(f"{call_id!r} is not a dead letter")
+            name, outbound = self._dead.pop(key)[:2]
+            queue = self._queue(name, outbound)
+            queue.pending.append(key)
+            queue.sorted = False
+            self.counters["revived"] += 1
+            self._append([K_REVIVE, key])
+
+    def purge(self, call_id: str) -> None:
+        """Delete a dead letter for good.
+
+        Raises:
+            KeyError: `call_id` is not a dead letter.
+        """
+        with self._lock:
+            key = self._key_of(call_id)
+            if key is None or key not in self._dead:
+                raise KeyError(f"{call_id!r} is not a dead letter")
+            del self._dead[key]
+            self._moved.pop(key, None)
+            self.counters["purged"] += 1
+            self._append([K_PURGE, key])
+
+    def status(self, call_id: str, source: str | None = None) -> CallStatus:
+        """Where the call with `call_id` is (DESIGN.md §1 `call_status`)."""
+        with self._lock:
+            key = self._key_of(call_id, source)
+            if key is None:
+                return CallStatus("unknown")
+            if key in self._dead:
+                entry = self._dead[key]
+                return CallStatus("dead", entry[2], entry[5])
+            attempts = self._attempts.get(key, 0)
+            taken = self._taken.get(key)
+            if taken is not None:
+                return CallStatus("stored" if taken.outbound else "accepted", None, attempts)
+            for queue in self._queues.values():
+                if key in queue.pending:
+                    return CallStatus("stored" if queue.outbound else "accepted", None, attempts)
+            if key in self._recent or self._ids.get((source or self.cage_name, call_id)):
+                return CallStatus("executed", None, attempts)
+            return CallStatus("unknown")
+
+    def _key_of(self, call_id: str, source: str | None = None) -> int | None:
+        entry = self._ids.get((source or self.cage_name, call_id))
+        if entry is not None:
+            return entry[0]
+        if call_id.startswith(self._id_prefix) and call_id[len(self._id_prefix):].isdigit():
+            return int(call_id[len(self._id_prefix):])
+        return None
+
+    # ---- looking at it -------------------------------------------------------------------
+
+    def queue_names(self, outbound: bool = False) -> list[str]:
+        with self._lock:
+            return [q.name for q in self._queues.values() if q.outbound == outbound]
+
+    def pending(self, queue_name: str, outbound: bool = False) -> int:
+        """Calls of the queue not yet completed (waiting, running or waiting for a retry)."""
+        with self._lock:
+            return self._count((queue_name, outbound))
+
+    def outstanding(self) -> int:
+        """Calls not yet completed or dead, in every queue."""
+        with self._lock:
+            return sum(len(q.pending) for q in self._queues.values()) + len(self._taken)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            queues = {(q.name, q.outbound): {"waiting": len(q.pending), "taken": 0}
+                      for q in self._queues.values()}
+            for call in self._taken.values():
+                queues[(call.queue, call.outbound)]["taken"] += 1
+            return {"counters": dict(self.counters), "queues": queues, "dead": len(self._dead),
+                    "journal": self.journal.stats()}
+
+    # ---- recovery, checkpoints and space -------------------------------------------------
+
+    def _recover(self) -> None:
+        state = read_checkpoint(self.directory)
+        journal = self.journal
+        live: dict[int, tuple[str, bool]] = {}  # key -> (queue, outbound)
+        start = journal.floor
+        if state is not None:
+            if state["journal_id"] != journal.journal_id:
+                raise JournalCorruption("checkpoint belongs to another journal",
+                                        os.path.join(self.directory, "checkpoint"), 0)
+            if state["covered"] >= journal.next_seq or state["covered"] + 1 < journal.floor:
+                raise JournalCorruption(
+                    f"checkpoint covers seq {state['covered']}, but the journal holds "
+                    f"{journal.floor}..{journal.next_seq - 1}",
+                    os.path.join(self.directory, "checkpoint"), 0)
+            start = state["covered"] + 1
+            for name, is_out, keys, size in state["queues"]:
+                self._queue(name, is_out).bytes = size
+                for key in array("q", keys):
+                    live[key] = (name, is_out)
+            self._attempts = _pairs(state["attempts"])
+            self._crashes = _pairs(state["crashes"])
+            self._open = _pairs(state["open"])
+            self._moved = _pairs(state["moved"])
+            self._sizes = _pairs(state["sizes"])
+            self._dead = {int(k): v for k, v in state["dead"].items()}
+            self._ids = {(s, u): (k, e) for s, u, k, e in state["ids"]}
+        for seq, payload in journal.replay(start):
+            self._apply(seq, msgpack.unpackb(payload, raw=False), live)
+        for key in self._open:
+            self._crashes[key] = self._crashes.get(key, 0) + 1
+            log.warning("call %s%d was running when the process stopped: counted as a crash",
+                        self._id_prefix, key)
+        self._open = {}
+        by_queue: dict[tuple[str, bool], list[int]] = {}
+        for key, qkey in live.items():
+            by_queue.setdefault(qkey, []).append(key)
+        for (name, is_out), keys in by_queue.items():
+            self._queue(name, is_out).pending = deque(sorted(keys))
+        now = time.time()
+        self._ids = {k: v for k, v in self._ids.items() if v[1] > now}
+        if live or self._dead:
+            log.info("store %s: %d pending calls, %d dead letters", self.directory, len(live),
+                     len(self._dead))
+
+    def _apply(self, seq: int, record: list[Any], live: dict[int, tuple[str, bool]]) -> None:
+        kind = record[0]
+        if kind == K_CALL:
+            key = record[1]
+            if key == seq:
+                live[key] = (record[2], record[3])
+                if record[3]:
+                    self._sizes[key] = len(record[7])
+                    self._queue(record[2], True).bytes += len(record[7])
+                if record[4] is not None:
+                    self._ids[(record[10], record[4])] = (key, record[9] + self.retention)
+            elif key in live or key in self._dead:
+                self._moved[key] = seq  # a relocated copy of a call still pending
+        elif kind == K_ATTEMPT:
+            flat = record[1]
+            for key, attempt in zip(flat[::2], flat[1::2], strict=True):
+                if key in self._open:
+                    self._crashes[key] = self._crashes.get(key, 0) + 1
+                self._open[key] = attempt
+                self._attempts[key] = attempt
+        elif kind == K_FAIL:
+            flat = record[1]
+            for key, attempt in zip(flat[::2], flat[1::2], strict=True):
+                self._open.pop(key, None)
+                self._attempts[key] = attempt
+        elif kind == K_DONE:
+            for key in record[1]:
+                qkey = live.pop(key, None)
+                self._drop_counters(key)
+                self._moved.pop(key, None)
+                if qkey is not None:
+                    self._release_size(key, qkey)
+                self._recent[key] = None
+        elif kind == K_DEAD:
+            key = record[1]
+            qkey = live.pop(key, None)
+            if qkey is not None:
+                self._release_size(key, qkey)
+                self._dead[key] = [record[2], record[3], record[4], record[5], record[6],
+                                   self._attempts.get(key, 0)]
+                self._drop_counters(key)
+        elif kind == K_REVIVE:
+            entry = self._dead.pop(record[1], None)
+            if entry is not None:
+                live[record[1]] = (entry[0], entry[1])
+        elif kind == K_PURGE:
+            self._dead.pop(record[1], None)
+            self._moved.pop(record[1], None)
+
+    def maintain(self, force: bool = False) -> bool:
+        """Checkpoint, release what the journal no longer needs and relocate stragglers, if due.
+
+        Returns True when a checkpoint was written.
+        """
+        due = (self._since_checkpoint >= self._checkpoint_bytes
+               or time.monotonic() - self._last_checkpoint >= self._checkpoint_interval)
+        if not (force or due):
+            return False
+        self._relocate_stragglers()
+        with self._lock:
+            covered = self.journal.next_seq - 1
+            state = self._snapshot(covered)
+            floor = self._floor(covered)
+            self._since_checkpoint = 0
+            self._last_checkpoint = time.monotonic()
+        if covered > 0:
+            self.journal.sync(covered)  # nothing the checkpoint summarises may be lost after it
+        write_checkpoint(self.directory, state)
+        released = self.journal.release_before(floor) if floor > self.journal.floor else 0
+        if released:
+            log.debug("store %s: released %d journal segments below seq %d", self.directory,
+                      released, floor)
+        return True
+
+    def _snapshot(self, covered: int) -> dict[str, Any]:
+        queues: list[list[Any]] = []
+        for (name, outbound), queue in self._queues.items():
+            keys = list(queue.pending)
+            keys += [c.key for c in self._taken.values() if (c.queue, c.outbound) == (name, outbound)]
+            queues.append([name, outbound, array("q", sorted(keys)).tobytes(), queue.bytes])
+        now = time.time()
+        return {
+            "journal_id": self.journal.journal_id,
+            "covered": covered,
+            "queues": queues,
+            "attempts": _flat(self._attempts),
+            "crashes": _flat(self._crashes),
+            "open": _flat(self._open),
+            "moved": _flat(self._moved),
+            "sizes": _flat(self._sizes),
+            "dead": self._dead,
+            "ids": [[s, u, k, e] for (s, u), (k, e) in self._ids.items() if e > now],
+        }
+
+    def _floor(self, covered: int) -> int:
+        """The lowest seq still needed: records after the checkpoint, and live calls' records."""
+        floor = covered + 1
+        for queue in self._queues.values():
+            if queue.pending:
+                floor = min(floor, min(queue.pending))
+        for key in itertools.chain(self._taken, self._dead):
+            floor = min(floor, key)
+        if self._moved:
+            floor = covered + 1
+            for queue in self._queues.values():
+                for key in queue.pending:
+                    floor = min(floor, self._moved.get(key, key))
+            for key in itertools.chain(self._taken, self._dead):
+                floor = min(floor, self._moved.get(key, key))
+        return floor
+
+    def _relocate_stragglers(self) -> None:
+        """Copy the few live calls that pin the oldest segment to the end of the journal."""
+        segments = self.journal.segments()
+        if len(segments) < 3:
+            return
+        boundary = segments[1].base_seq
+        with self._lock:
+            live = [k for q in self._queues.values() for k in q.pending
+                    if self._moved.get(k, k) < boundary]
+            live += [k for k in itertools.chain(self._taken, self._dead)
+                     if self._moved.get(k, k) < boundary]
+            if not live or len(live) > RELOCATE_MAX:
+                return
+            old = {self._moved.get(k, k): k for k in live}
+            mapping = self.journal.copy_forward(old)
+            for old_seq, new_seq in mapping.items():
+                self._moved[old[old_seq]] = new_seq
+            self.counters["relocated"] += len(mapping)
+
+    def close(self) -> None:
+        """Write a final checkpoint and close the journal."""
+        if self.journal.closed:
+            return
+        try:
+            if not self.journal.failed:
+                with self._lock:
+                    calls = list(self._taken.values())
+                self.give_back(calls)
+                self.maintain(force=True)
+        finally:
+            self.journal.close()
+
+
+def _runs(seqs: list[int], gap: int) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for seq in seqs:
+        if runs and seq - runs[-1][-1] <= gap:
+            runs[-1].append(seq)
+        else:
+            runs.append([seq])
+    return runs
+
+
+def _flat(mapping: dict[int, int]) -> bytes:
+    return array("q", itertools.chain.from_iterable(mapping.items())).tobytes()
+
+
+def _pairs(data: bytes) -> dict[int, int]:
+    values = array("q", data)
+    return dict(zip(values[::2], values[1::2], strict=True))
