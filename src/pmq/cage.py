@@ -91,6 +91,7 @@ class Cage:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._serve_task: asyncio.Task[None] | None = None
         self._own_loop = False
         self.execute: Proxy[str | None] = Proxy(self._submit)
         self.aexecute: Proxy[Any] = Proxy(self._asubmit)
@@ -217,7 +218,7 @@ class Cage:
         """Run the cage on the caller's event loop."""
         self._open()
         self._own_loop = False
-        asyncio.create_task(self._serve())
+        self._serve_task = asyncio.create_task(self._serve())
         await asyncio.sleep(0)
         return self
 

@@ -42,11 +42,12 @@ __all__ = ["CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
 log = logging.getLogger("pmq.store")
 
 # Record kinds: the first element of every msgpack array the store appends.
-K_CALL = 1  # [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
+# [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
+K_CALL = 1
 K_ATTEMPT = 2  # [2, [key, attempt, key, attempt, ...]]  attempts started
 K_FAIL = 3  # [3, [key, attempt, ...]]  attempts that ended without success
-K_DONE = 4  # [4, [key, ...]]  completed: forget the call
-K_DEAD = 5  # [5, key, queue, outbound, reason, detail, at]
+K_DONE = 4  # [4, [key, ...], [queue, bytes, ...]]  completed; bytes freed per outbound queue
+K_DEAD = 5  # [5, key, queue, outbound, reason, detail, at, argument bytes]
 K_REVIVE = 6  # [6, key]  a dead letter goes back to its queue
 K_PURGE = 7  # [7, key]  a dead letter is deleted
 
@@ -113,7 +114,7 @@ class _Queue:
     def __init__(self, name: str, outbound: bool) -> None:
         self.name = name
         self.outbound = outbound
-        self.pending: deque[int] = deque()  # keys not handed out, in key order unless `sorted` is off
+        self.pending: deque[int] = deque()  # keys not handed out; in key order while `sorted`
         self.bytes = 0  # argument bytes of pending outbound calls (max_pending_bytes)
         self.sorted = True
 
@@ -142,7 +143,8 @@ class Store:
         os.makedirs(self.directory, exist_ok=True)
         self.cage_name = cage_name
         self.retention = retention
-        self.journal = Journal(os.path.join(self.directory, "journal"), durability=durability,
+        self.journal = Journal(os.path.join(self.directory, "journal"),
+                               durability=durability,  # type: ignore[arg-type]  # checked by Journal
                                segment_bytes=segment_bytes)
         self._always = durability == "always"
         self._id_prefix = f"{cage_name}:{self.journal.journal_id.hex()[:8]}:"
@@ -153,8 +155,8 @@ class Store:
         self._crashes: dict[int, int] = {}  # sparse: attempts that died with the process
         self._open: dict[int, int] = {}  # attempts started and not yet finished
         self._moved: dict[int, int] = {}  # key -> seq of its relocated copy
-        self._sizes: dict[int, int] = {}  # outbound key -> argument bytes
-        self._dead: dict[int, list[Any]] = {}  # key -> [queue, outbound, reason, detail, at, attempts]
+        # key -> [queue, outbound, reason, detail, at, attempts, argument bytes]
+        self._dead: dict[int, list[Any]] = {}
         self._ids: dict[tuple[str, str], tuple[int, float]] = {}  # (source, user id) -> key, expiry
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._cache: dict[int, bytes] = {}
@@ -195,7 +197,8 @@ class Store:
             for call in calls:
                 if call.user_id is not None:
                     known = self._ids.get((call.source, call.user_id))
-                    if (known is not None and known[1] > now) or (call.source, call.user_id) in claimed:
+                    seen = known is not None and known[1] > now
+                    if seen or (call.source, call.user_id) in claimed:
                         self.counters["duplicates"] += 1
                         ids.append(call.user_id)
                         continue
@@ -219,7 +222,6 @@ class Store:
                 queue.pending.append(key)
                 if call.outbound:
                     queue.bytes += len(call.arguments)
-                    self._sizes[key] = len(call.arguments)
                 if call.user_id is not None:
                     self._ids[(call.source, call.user_id)] = (key, now + self.retention)
                 if self._cache_bytes + len(record) <= self._cache_limit:
@@ -274,7 +276,8 @@ class Store:
                 queue.sorted = True
             keys: list[int] = []
             pending = queue.pending
-            while pending and len(keys) < limit and self._moved.get(pending[0], pending[0]) <= visible:
+            moved = self._moved
+            while pending and len(keys) < limit and moved.get(pending[0], pending[0]) <= visible:
                 keys.append(pending.popleft())
             if not keys:
                 return []
@@ -283,8 +286,9 @@ class Store:
             for key in keys:
                 fields = msgpack.unpackb(records[key], raw=False, use_list=True)
                 user_id = fields[4]
-                call = StoredCall(key, user_id if user_id is not None else self._id_prefix + str(key),
-                                  fields, self._attempts.get(key, 0), self._crashes.get(key, 0))
+                call_id = user_id if user_id is not None else self._id_prefix + str(key)
+                call = StoredCall(key, call_id, fields, self._attempts.get(key, 0),
+                                  self._crashes.get(key, 0))
                 self._taken[key] = call
                 calls.append(call)
             return calls
@@ -336,12 +340,18 @@ class Store:
         seq = 0
         with self._lock:
             if done:
+                freed: dict[str, int] = {}
                 for call in done:
                     self._forget(call)
                     self._recent[call.key] = None
+                    if call.outbound:
+                        freed[call.queue] = freed.get(call.queue, 0) + len(call.arguments)
                 while len(self._recent) > RECENT_DONE:
                     self._recent.popitem(last=False)
-                seq = self._append([K_DONE, [c.key for c in done]])
+                for name, size in freed.items():
+                    self._queues[(name, True)].bytes -= size
+                seq = self._append([K_DONE, [c.key for c in done],
+                                    list(itertools.chain.from_iterable(freed.items()))])
                 self.counters["completed"] += len(done)
             if failed:
                 flat: list[int] = []
@@ -370,22 +380,18 @@ class Store:
             attempts = self._attempts.get(call.key, call.attempt)
             self._taken.pop(call.key, None)
             self._drop_counters(call.key)
-            self._release_size(call.key, (call.queue, call.outbound))
-            self._dead[call.key] = [call.queue, call.outbound, reason, detail, now, attempts]
+            size = len(call.arguments)
+            if call.outbound:
+                self._queues[(call.queue, True)].bytes -= size
+            self._dead[call.key] = [call.queue, call.outbound, reason, detail, now, attempts, size]
             self.counters["dead"] += 1
-            return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now])
+            return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now,
+                                 size])
 
     def _forget(self, call: StoredCall) -> None:
         self._taken.pop(call.key, None)
         self._drop_counters(call.key)
         self._moved.pop(call.key, None)
-        self._release_size(call.key, (call.queue, call.outbound))
-
-    def _release_size(self, key: int, qkey: tuple[str, bool]) -> None:
-        size = self._sizes.pop(key, None)
-        queue = self._queues.get(qkey)
-        if size is not None and queue is not None:
-            queue.bytes -= size
 
     def _drop_counters(self, key: int) -> None:
         self._attempts.pop(key, None)
@@ -408,7 +414,7 @@ class Store:
             items = sorted(self._dead.items())
             records = self._payloads([key for key, _ in items])  # dead letters are never cached
         letters = []
-        for key, (queue, _outbound, reason, detail, at, attempts) in items:
+        for key, (queue, _outbound, reason, detail, at, attempts, _size) in items:
             fields = msgpack.unpackb(records[key], raw=False)
             call_id = fields[4] if fields[4] is not None else self._id_prefix + str(key)
             letters.append(DeadLetter(call_id, queue, fields[5], fields[6], reason, detail, at,
@@ -425,9 +431,11 @@ class Store:
             key = self._key_of(call_id)
             if key is None or key not in self._dead:
                 raise KeyError(f"{call_id!r} is not a dead letter")
-            name, outbound = self._dead.pop(key)[:2]
+            name, outbound, *_, size = self._dead.pop(key)
             queue = self._queue(name, outbound)
             queue.pending.append(key)
+            if outbound:
+                queue.bytes += size
             queue.sorted = False
             self.counters["revived"] += 1
             self._append([K_REVIVE, key])
@@ -525,7 +533,6 @@ class Store:
             self._crashes = _pairs(state["crashes"])
             self._open = _pairs(state["open"])
             self._moved = _pairs(state["moved"])
-            self._sizes = _pairs(state["sizes"])
             self._dead = {int(k): v for k, v in state["dead"].items()}
             self._ids = {(s, u): (k, e) for s, u, k, e in state["ids"]}
         for seq, payload in journal.replay(start):
@@ -553,7 +560,6 @@ class Store:
             if key == seq:
                 live[key] = (record[2], record[3])
                 if record[3]:
-                    self._sizes[key] = len(record[7])
                     self._queue(record[2], True).bytes += len(record[7])
                 if record[4] is not None:
                     self._ids[(record[10], record[4])] = (key, record[9] + self.retention)
@@ -573,24 +579,27 @@ class Store:
                 self._attempts[key] = attempt
         elif kind == K_DONE:
             for key in record[1]:
-                qkey = live.pop(key, None)
+                live.pop(key, None)
                 self._drop_counters(key)
                 self._moved.pop(key, None)
-                if qkey is not None:
-                    self._release_size(key, qkey)
                 self._recent[key] = None
+            freed = record[2]
+            for name, size in zip(freed[::2], freed[1::2], strict=True):
+                self._queue(name, True).bytes -= size
         elif kind == K_DEAD:
             key = record[1]
-            qkey = live.pop(key, None)
-            if qkey is not None:
-                self._release_size(key, qkey)
+            if live.pop(key, None) is not None:
+                if record[3]:
+                    self._queue(record[2], True).bytes -= record[7]
                 self._dead[key] = [record[2], record[3], record[4], record[5], record[6],
-                                   self._attempts.get(key, 0)]
+                                   self._attempts.get(key, 0), record[7]]
                 self._drop_counters(key)
         elif kind == K_REVIVE:
             entry = self._dead.pop(record[1], None)
             if entry is not None:
                 live[record[1]] = (entry[0], entry[1])
+                if entry[1]:
+                    self._queue(entry[0], True).bytes += entry[6]
         elif kind == K_PURGE:
             self._dead.pop(record[1], None)
             self._moved.pop(record[1], None)
@@ -624,7 +633,8 @@ class Store:
         queues: list[list[Any]] = []
         for (name, outbound), queue in self._queues.items():
             keys = list(queue.pending)
-            keys += [c.key for c in self._taken.values() if (c.queue, c.outbound) == (name, outbound)]
+            keys += [c.key for c in self._taken.values()
+                     if c.queue == name and c.outbound == outbound]
             queues.append([name, outbound, array("q", sorted(keys)).tobytes(), queue.bytes])
         now = time.time()
         return {
@@ -635,7 +645,6 @@ class Store:
             "crashes": _flat(self._crashes),
             "open": _flat(self._open),
             "moved": _flat(self._moved),
-            "sizes": _flat(self._sizes),
             "dead": self._dead,
             "ids": [[s, u, k, e] for (s, u), (k, e) in self._ids.items() if e > now],
         }
