@@ -1,10 +1,13 @@
 """pmq: durable peer-to-peer queued calls between Python processes.
 
-Layout (docs/ and ../DESIGN.md §3): ``_journal`` (compiled write-ahead log) is the bottom layer;
-this package re-exports only the public names. The cage API arrives with the store, dispatcher
-and transport layers.
+Layers (DESIGN.md §3), each importing only those below it: ``_journal`` (the compiled
+write-ahead log), ``store`` (queue state), ``dispatch`` (running calls), ``proxy`` and ``cage``
+(what users see). This module only re-exports the public names.
 """
 
+from pmq._config import QueuePolicy
+from pmq.cage import Cage, Transaction, aexecute, execute
+from pmq.dispatch import CallInfo, current_call
 from pmq.errors import (
     AuthenticationError,
     JournalCorruption,
@@ -14,16 +17,25 @@ from pmq.errors import (
     LocalProtocolError,
     PmqError,
     ProtocolError,
+    QueueFull,
+    Reject,
+    RemoteError,
     RemoteProtocolError,
+    Retry,
     StorageFull,
     Timeout,
     TransportError,
 )
+from pmq.store import CallStatus, DeadLetter
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AuthenticationError",
+    "Cage",
+    "CallInfo",
+    "CallStatus",
+    "DeadLetter",
     "JournalCorruption",
     "JournalError",
     "JournalFailed",
@@ -31,9 +43,18 @@ __all__ = [
     "LocalProtocolError",
     "PmqError",
     "ProtocolError",
+    "QueueFull",
+    "QueuePolicy",
+    "Reject",
+    "RemoteError",
     "RemoteProtocolError",
+    "Retry",
     "StorageFull",
     "Timeout",
+    "Transaction",
     "TransportError",
     "__version__",
+    "aexecute",
+    "current_call",
+    "execute",
 ]

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import threading
@@ -44,8 +45,9 @@ class Cage:
     Args:
         name: the cage's name (``[A-Za-z0-9_-]{1,32}``, not ending in ``_queue``).
         data_dir: where its journal and checkpoint live; one cage per directory.
-        listen: "host:port" to accept other cages on (used by the transport).
-        peers: {cage name: "host:port"} of the cages this one calls.
+        listen: "host:port" to accept other cages on (port 0: any free port).
+        peers: {cage name: "host:port" or a list of them, tried in order} of the cages this
+            one calls.
         secret: shared secret for the handshake between cages.
         queues: {queue name: QueuePolicy or mapping}; "default" applies to the rest.
         durability: "always" (fsync before execute returns), "interval" or "never".
@@ -59,7 +61,8 @@ class Cage:
     """
 
     def __init__(self, name: str, data_dir: str | os.PathLike[str], *,
-                 listen: str | None = None, peers: Mapping[str, str] | None = None,
+                 listen: str | None = None,
+                 peers: Mapping[str, str | list[str]] | None = None,
                  secret: bytes | None = None,
                  queues: Mapping[str, QueuePolicy | Mapping[str, Any]] | None = None,
                  durability: str = "always", workers: int = 16, retention: float = 259_200.0,
@@ -67,9 +70,13 @@ class Cage:
                  segment_bytes: int = 64 << 20) -> None:
         self.name = check_cage_name(name)
         self.data_dir = os.fspath(data_dir)
-        self.listen = parse_address(listen) if listen is not None else None
-        self.peers = {check_cage_name(peer): parse_address(address)
-                      for peer, address in (peers or {}).items()}
+        self.listen = parse_address(listen, allow_port_zero=True) if listen is not None else None
+        self.peers: dict[str, list[tuple[str, int]]] = {}
+        for peer, addresses in (peers or {}).items():
+            listed = [addresses] if isinstance(addresses, str) else list(addresses)
+            if not listed:
+                raise ValueError(f"peer {peer!r} has no address")
+            self.peers[check_cage_name(peer)] = [parse_address(a) for a in listed]
         if secret is not None and not isinstance(secret, bytes):
             raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
         self.secret = secret
@@ -98,8 +105,19 @@ class Cage:
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str]) -> Cage:
-        """A cage configured by a TOML file whose keys are this constructor's keywords."""
-        return cls(**load_config(path))  # type: ignore[arg-type]
+        """A cage configured by a TOML file whose keys are this constructor's keywords.
+
+        ``expose`` there maps module names to import paths (``"pkg.mod"`` or
+        ``"pkg.mod:attribute"``), which are imported here.
+
+        Raises:
+            ValueError: the file breaks a rule (the message names the file and the key).
+            ImportError: a module to expose cannot be imported.
+        """
+        config = load_config(path)
+        paths = config.pop("expose", None) or {}
+        config["expose"] = {name: _import(str(target)) for name, target in paths.items()}  # type: ignore[attr-defined]
+        return cls(**config)  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         state = "running" if self._loop is not None else "stopped"
@@ -372,7 +390,7 @@ class Transaction:
         self._cage = cage
         self._calls: list[NewCall] = []
         self.call_ids: list[str] = []
-        self._proxy: Proxy[None] = Proxy(self._add)
+        self._proxy: Proxy[None] = Proxy(self._add, queued_only=True)
 
     def on(self, target: str, *, id: str | None = None,
            expires_in: float | None = None) -> Target[None]:
@@ -419,6 +437,19 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _import(target: str) -> object:
+    """The object an import path names: ``"pkg.mod"`` or ``"pkg.mod:attribute"``."""
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    if not attribute:
+        return module
+    try:
+        return getattr(module, attribute)
+    except AttributeError:
+        raise ImportError(f"module {module_name!r} has no attribute {attribute!r} "
+                          f"(from the import path {target!r})") from None
 
 
 def _handler_cage() -> Cage:

@@ -134,7 +134,7 @@ class _Run:
 
 
 class _QueueState:
-    __slots__ = ("held", "policy", "running", "suspects", "suspect_running")
+    __slots__ = ("held", "policy", "running", "suspect_running", "suspects")
 
     def __init__(self, policy: QueuePolicy) -> None:
         self.policy = policy

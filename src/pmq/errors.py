@@ -12,6 +12,7 @@ Invariants:
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 __all__ = [
@@ -23,7 +24,11 @@ __all__ = [
     "LocalProtocolError",
     "PmqError",
     "ProtocolError",
+    "QueueFull",
+    "Reject",
+    "RemoteError",
     "RemoteProtocolError",
+    "Retry",
     "StorageFull",
     "Timeout",
     "TransportError",
@@ -125,3 +130,124 @@ class AuthenticationError(PmqError):
 
 class Timeout(PmqError, TimeoutError):
     """A synchronous call did not complete within its timeout; it may still run on the target."""
+
+
+class QueueFull(PmqError):
+    """The outbound backlog to a peer is over its ``max_pending`` limit, so this call was refused.
+
+    Raised by a queued ``execute`` when the calls stored for one peer and not yet accepted by it
+    number ``max_pending`` or more, or take ``max_pending_bytes`` or more (both are per-queue
+    policy). Nothing was stored: the call was not made, and no earlier call was dropped. Slow
+    down and try again later (``aexecute`` can wait for room instead of raising), find out why
+    the peer does not accept calls (is it running and reachable?), or raise the limits.
+
+    Attributes:
+        queue: the queue the call was for, e.g. ``"ledger_queue"``.
+        pending: how many calls to that peer were waiting.
+        pending_bytes: how many bytes those calls take.
+        max_pending, max_pending_bytes: the limits in force, when the raiser gives them.
+    """
+
+    retriable: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        queue: str,
+        pending: int,
+        pending_bytes: int,
+        max_pending: int | None = None,
+        max_pending_bytes: int | None = None,
+    ) -> None:
+        limits = ""
+        if max_pending is not None and max_pending_bytes is not None:
+            limits = f" (limits: {max_pending} calls, {max_pending_bytes} bytes)"
+        super().__init__(
+            f"queue {queue!r} is full: {pending} calls ({pending_bytes} bytes) wait for the peer"
+            f"{limits}; nothing was stored, try again later"
+        )
+        self.queue = queue
+        self.pending = pending
+        self.pending_bytes = pending_bytes
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+
+    def __reduce__(self) -> tuple[object, ...]:
+        limits = (self.max_pending, self.max_pending_bytes)
+        return (QueueFull, (self.queue, self.pending, self.pending_bytes, *limits))
+
+
+class RemoteError(PmqError):
+    """The target of a synchronous call raised an exception instead of returning.
+
+    Raised by a synchronous ``execute.on("cage")...`` (no ``_queue`` suffix) when the method ran
+    on the target and raised. pmq never ships exception objects between processes (that would
+    need pickle), so this carries the remote exception's type name, message and formatted
+    traceback as text. Look at ``remote_type`` to tell failures apart; the call may or may not
+    have had effects on the target before it raised.
+
+    Attributes:
+        remote_type: the qualified name of the remote exception's class, e.g. ``"KeyError"`` or
+            ``"ledger.accounts.Overdrawn"``.
+        message: ``str()`` of the remote exception.
+        traceback_text: the remote traceback, formatted (may be empty if the target withholds it).
+    """
+
+    def __init__(self, remote_type: str, message: str, traceback_text: str) -> None:
+        super().__init__(remote_type, message, traceback_text)
+        self.remote_type = remote_type
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f"{self.remote_type}: {self.message}"
+
+
+class Retry(Exception):
+    """Raised by a handler to skip this attempt quietly and run the call again later.
+
+    Not an error of pmq, and not a ``PmqError``: a handler raises it to steer its own call, e.g.
+    when what it needs is not ready yet. The attempt is not logged as a failure. The call runs
+    again after ``after`` seconds, or after the queue's usual backoff delay when ``after`` is
+    None. The call still expires at its deadline.
+
+    Attributes:
+        after: seconds to wait before the next attempt, or None for the queue's backoff delay.
+    """
+
+    def __init__(self, after: float | None = None) -> None:
+        if after is not None:
+            if isinstance(after, bool) or not isinstance(after, int | float):
+                raise TypeError(
+                    f"Retry(after=...) must be a number of seconds or None, "
+                    f"not {type(after).__name__} ({after!r})"
+                )
+            if not math.isfinite(after) or after < 0:
+                raise ValueError(
+                    f"Retry(after=...) must be a finite number of seconds >= 0, got {after!r}"
+                )
+            after = float(after)
+        super().__init__(after)
+        self.after: float | None = after
+
+    def __str__(self) -> str:
+        if self.after is None:
+            return "retry after the queue's backoff delay"
+        return f"retry after {self.after:g} s"
+
+
+class Reject(Exception):
+    """Raised by a handler to give up on its call for good: it goes straight to dead letters.
+
+    Not an error of pmq, and not a ``PmqError``: a handler raises it when retrying cannot help
+    (the arguments are invalid, the account no longer exists). The call is not retried; it is
+    moved to the dead-letter store with ``reason``, where ``pmq dead list|show|replay`` finds it.
+
+    Attributes:
+        reason: why the call was rejected, as recorded with the dead letter.
+    """
+
+    def __init__(self, reason: str) -> None:
+        if not isinstance(reason, str):
+            raise TypeError(f"Reject(reason) must be a str, not {type(reason).__name__}")
+        super().__init__(reason)
+        self.reason = reason
