@@ -95,11 +95,12 @@ class Proxy(Generic[T]):
         queued_only: refuse synchronous targets (for transactions, which hold queued calls).
     """
 
-    __slots__ = ("_queued_only", "_submit")
+    __slots__ = ("_plain", "_queued_only", "_submit")
 
     def __init__(self, submit: Callable[[CallSpec], T], *, queued_only: bool = False) -> None:
         self._submit = submit
         self._queued_only = queued_only
+        self._plain: dict[str, Target[T]] = {}  # on(target) with no options, the common case
 
     def on(
         self,
@@ -132,6 +133,10 @@ class Proxy(Generic[T]):
                 that does not fit the kind of call, or a synchronous target where only queued
                 calls may be made.
         """
+        if id is None and expires_in is None and timeout is None and wait is False:
+            plain = self._plain.get(target)
+            if plain is not None:
+                return plain
         parsed = _parsed_targets.get(target) if type(target) is str else None
         if parsed is None:
             parsed = parse_target(target)
@@ -167,9 +172,12 @@ class Proxy(Generic[T]):
                     f"wait= is for queued calls; a synchronous call to {target!r} always waits "
                     f"for its result"
                 )
-        return Target(
+        made = Target(
             self._submit, target, cage, queued, id, seconds_to_expiry, seconds_to_wait, wait
         )
+        if made._plain and len(self._plain) < _MAX_REMEMBERED_NAMES:
+            self._plain[target] = made
+        return made
 
     def __repr__(self) -> str:
         only = " (queued calls only)" if self._queued_only else ""
@@ -182,7 +190,9 @@ class Target(Generic[T]):
     __slots__ = (
         "_cage",
         "_expires_in",
+        "_modules",
         "_name",
+        "_plain",
         "_queued",
         "_submit",
         "_timeout",
@@ -209,12 +219,20 @@ class Target(Generic[T]):
         self._expires_in = expires_in
         self._timeout = timeout
         self._wait = wait
+        self._plain = user_id is None and expires_in is None and timeout is None and not wait
+        self._modules: dict[str, ModuleRef[T]] = {}
 
     def __getattr__(self, module: str) -> ModuleRef[T]:
-        if module.startswith("_"):
+        if module.startswith("_"):  # first: copy and pickle probe objects made without __init__
             raise AttributeError(module)
+        found = self._modules.get(module)
+        if found is not None:
+            return found
         _check_name("module", module)
-        return ModuleRef(self, module)
+        found = ModuleRef(self, module)
+        if len(self._modules) < _MAX_REMEMBERED_NAMES:
+            self._modules[module] = found
+        return found
 
     def __repr__(self) -> str:
         options = [
@@ -235,17 +253,24 @@ class Target(Generic[T]):
 class ModuleRef(Generic[T]):
     """``proxy.on(target).module``: its attributes are the module's methods."""
 
-    __slots__ = ("_module", "_target")
+    __slots__ = ("_methods", "_module", "_target")
 
     def __init__(self, target: Target[T], module: str) -> None:
         self._target = target
         self._module = module
+        self._methods: dict[str, MethodRef[T]] = {}
 
     def __getattr__(self, method: str) -> MethodRef[T]:
-        if method.startswith("_"):
+        if method.startswith("_"):  # first: copy and pickle probe objects made without __init__
             raise AttributeError(method)
+        found = self._methods.get(method)
+        if found is not None:
+            return found
         _check_name("method", method)
-        return MethodRef(self._target, self._module, method)
+        found = MethodRef(self._target, self._module, method)
+        if len(self._methods) < _MAX_REMEMBERED_NAMES:
+            self._methods[method] = found
+        return found
 
     def __repr__(self) -> str:
         return f"<pmq module {self._module!r} on {self._target._name!r}>"
