@@ -490,12 +490,14 @@ cdef class Journal(_GroupCommit):
             self._raise_unusable()
         if seq > self._next_seq:
             raise ValueError(f"cannot release up to seq {seq}: the next seq is {self._next_seq}")
-        if seq <= self._floor:
-            return 0
-        self._floor = seq
-        value = struct.pack("<Q", seq)
-        self._append_record(<const unsigned char*>PyBytes_AS_STRING(value), 8, REC_LOWWATER)
-        self._flush_now(True)
+        if seq > self._floor:
+            # The floor rises only once its LOWWATER is durable: if the append is refused
+            # (StorageFull) nothing changed, and a retry writes it.
+            value = struct.pack("<Q", seq)
+            self._append_record(<const unsigned char*>PyBytes_AS_STRING(value), 8, REC_LOWWATER)
+            self._flush_now(True)
+            self._floor = seq
+        seq = self._floor   # segments that fell below the floor since the last call go too
         with nogil:
             rc = self._acquire_leadership()
         if rc != 0:
@@ -613,8 +615,14 @@ cdef class Journal(_GroupCommit):
                 # Make everything durable first: CLOSE claims durable_seq as it stands when it
                 # is written, and it must cover every record (docs/FORMAT.md).
                 self._flush_now(True)
-                self._append_record(NULL, 0, REC_CLOSE)
-                self._flush_now(True)
+                try:
+                    self._append_record(NULL, 0, REC_CLOSE)
+                    self._flush_now(True)
+                except StorageFull:
+                    # Everything is durable; only the clean-end marker did not fit. The next
+                    # open recovers as after a crash, losing nothing.
+                    log.warning("journal %s: no room for the CLOSE frame; closed without it",
+                                self.directory)
             except JournalFailed as exc:
                 error = exc
         pmq_mutex_lock(&self._mu)
