@@ -49,6 +49,7 @@ cdef extern from "_platform.h" nogil:
     void pmq_cond_destroy(pmq_cond_t* c)
     void pmq_cond_wait(pmq_cond_t* c, pmq_mutex_t* m)
     void pmq_cond_broadcast(pmq_cond_t* c)
+    void pmq_cond_signal(pmq_cond_t* c)
     int64_t pmq_pwrite(int fd, const void* buf, size_t n, int64_t off)
     int pmq_datasync(int fd)
     int pmq_errno()
@@ -628,6 +629,7 @@ cdef class Journal(_GroupCommit):
         pmq_mutex_lock(&self._mu)
         self._closed = True
         pmq_cond_broadcast(&self._cv)
+        pmq_cond_broadcast(&self._async_cv)
         pmq_mutex_unlock(&self._mu)
         if self._stop_event is not None:
             self._stop_event.set()

@@ -21,7 +21,8 @@ cdef class _GroupCommit:
     """Appends, leadership and durability waiting; Journal adds the files around it."""
 
     cdef pmq_mutex_t _mu
-    cdef pmq_cond_t _cv
+    cdef pmq_cond_t _cv                 # durability advanced, or leadership was released
+    cdef pmq_cond_t _async_cv           # the asyncio flusher has a new target (or must stop)
     cdef bint _sync_ready
     cdef unsigned char* _pend          # frames appended since the last swap (mutex)
     cdef size_t _pend_len, _pend_cap
@@ -54,6 +55,7 @@ cdef class _GroupCommit:
         self._frame_off = -1
         pmq_mutex_init(&self._mu)
         pmq_cond_init(&self._cv)
+        pmq_cond_init(&self._async_cv)
         self._sync_ready = True
 
     def __dealloc__(self):
@@ -63,6 +65,7 @@ cdef class _GroupCommit:
         free(self._wbuf)
         if self._sync_ready:
             pmq_cond_destroy(&self._cv)
+            pmq_cond_destroy(&self._async_cv)
             pmq_mutex_destroy(&self._mu)
 
     cdef int _fsync_checked(self, int fd) except -1:
@@ -192,6 +195,7 @@ cdef class _GroupCommit:
             self._fail_op = op
             self._fail_errno = err
         pmq_cond_broadcast(&self._cv)
+        pmq_cond_broadcast(&self._async_cv)
 
     cdef int _acquire_leadership(self) noexcept nogil:
         pmq_mutex_lock(&self._mu)
@@ -507,7 +511,9 @@ cdef class _GroupCommit:
         pmq_mutex_lock(&self._mu)
         if target > self._async_target:
             self._async_target = target
-        pmq_cond_broadcast(&self._cv)
+            # Only the flusher needs to know: waking every thread that waits for durability
+            # here made them queue on the mutex while this (GIL-holding) thread needs it.
+            pmq_cond_signal(&self._async_cv)
         pmq_mutex_unlock(&self._mu)
         if self._async_thread is None:
             self._async_thread = threading.Thread(
@@ -522,7 +528,7 @@ cdef class _GroupCommit:
             with nogil:
                 pmq_mutex_lock(&self._mu)
                 while not self._closed and not self._failed and self._async_target <= scanned:
-                    pmq_cond_wait(&self._cv, &self._mu)
+                    pmq_cond_wait(&self._async_cv, &self._mu)
                 target = self._async_target
                 stop = self._closed or self._failed
                 pmq_mutex_unlock(&self._mu)

@@ -34,6 +34,7 @@ static inline void pmq_cond_wait(pmq_cond_t *c, pmq_mutex_t *m) {
     SleepConditionVariableSRW(c, m, INFINITE, 0);
 }
 static inline void pmq_cond_broadcast(pmq_cond_t *c) { WakeAllConditionVariable(c); }
+static inline void pmq_cond_signal(pmq_cond_t *c) { WakeConditionVariable(c); }
 
 /* Windows has no pwrite. Only the journal's leader ever writes a segment, so seek + write on
  * its descriptor cannot interleave with another writer. */
@@ -60,6 +61,7 @@ static inline void pmq_cond_init(pmq_cond_t *c) { pthread_cond_init(c, NULL); }
 static inline void pmq_cond_destroy(pmq_cond_t *c) { pthread_cond_destroy(c); }
 static inline void pmq_cond_wait(pmq_cond_t *c, pmq_mutex_t *m) { pthread_cond_wait(c, m); }
 static inline void pmq_cond_broadcast(pmq_cond_t *c) { pthread_cond_broadcast(c); }
+static inline void pmq_cond_signal(pmq_cond_t *c) { pthread_cond_signal(c); }
 
 static inline int64_t pmq_pwrite(int fd, const void *buf, size_t n, int64_t off) {
     return (int64_t)pwrite(fd, buf, n, (off_t)off);

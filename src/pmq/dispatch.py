@@ -169,6 +169,7 @@ class Dispatcher:
         self._jobs_ready = threading.Condition()
         self._workers_stop = False
         self._handler_seconds = 0.0  # moving mean of plain handlers' duration
+        self._woke_more = 0.0  # when the run loop last woke an extra worker
         self._results: list[_Run] = []
         self._results_lock = threading.Lock()
         self._signalled = False
@@ -245,10 +246,15 @@ class Dispatcher:
                 if self._retries and not self._stopping:
                     timeout = max(0.0, self._retries[0][0] - time.monotonic())
                 if self._jobs:
+                    # Calls are waiting for a worker: every WAKE_MORE_SECONDS wake one more, so
+                    # slow handlers spread over the pool while quick ones stay on one thread.
+                    now = time.monotonic()
+                    if now - self._woke_more >= WAKE_MORE_SECONDS:
+                        self._woke_more = now
+                        with self._jobs_ready:
+                            self._jobs_ready.notify(1)
                     timeout = WAKE_MORE_SECONDS if timeout is None else min(timeout,
                                                                            WAKE_MORE_SECONDS)
-                    with self._jobs_ready:
-                        self._jobs_ready.notify(1)  # calls are waiting: one more worker
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except TimeoutError:

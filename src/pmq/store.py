@@ -149,6 +149,7 @@ class Store:
         self._always = durability == "always"
         self._id_prefix = f"{cage_name}:{self.journal.journal_id.hex()[:8]}:"
         self._lock = threading.Lock()
+        self._packer = msgpack.Packer(use_bin_type=True)  # used under _lock only
         self._queues: dict[tuple[str, bool], _Queue] = {}  # (name, outbound) -> queue
         self._taken: dict[int, StoredCall] = {}  # handed out, not finished
         self._attempts: dict[int, int] = {}  # sparse: attempts started
@@ -204,10 +205,9 @@ class Store:
                         continue
                     claimed.add((call.source, call.user_id))
                 key = seq + len(records)
-                records.append(msgpack.packb(
+                records.append(self._packer.pack(
                     [K_CALL, key, call.queue, call.outbound, call.user_id, call.module,
-                     call.method, call.arguments, call.deadline, now, call.source],
-                    use_bin_type=True))
+                     call.method, call.arguments, call.deadline, now, call.source]))
                 ids.append(call.user_id if call.user_id is not None else self._id_prefix + str(key))
                 fresh.append((key, call))
             if not records:
@@ -402,7 +402,7 @@ class Store:
             self._cache_bytes -= len(record)
 
     def _append(self, record: list[Any]) -> int:
-        payload = msgpack.packb(record, use_bin_type=True)
+        payload = self._packer.pack(record)
         self._since_checkpoint += len(payload)
         return self.journal.append(payload)
 
