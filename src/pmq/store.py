@@ -158,7 +158,9 @@ class Store:
         self._moved: dict[int, int] = {}  # key -> seq of its relocated copy
         # key -> [queue, outbound, reason, detail, at, attempts, argument bytes]
         self._dead: dict[int, list[Any]] = {}
-        self._ids: dict[tuple[str, str], tuple[int, float]] = {}  # (source, user id) -> key, expiry
+        # (source, user id) -> [key, expiry, completed]; and the not-yet-completed ones by key
+        self._ids: dict[tuple[str, str], list[Any]] = {}
+        self._user_calls: dict[int, tuple[str, str]] = {}
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._cache: dict[int, bytes] = {}
         self._cache_bytes = 0
@@ -223,7 +225,8 @@ class Store:
                 if call.outbound:
                     queue.bytes += len(call.arguments)
                 if call.user_id is not None:
-                    self._ids[(call.source, call.user_id)] = (key, now + self.retention)
+                    self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
+                    self._user_calls[key] = (call.source, call.user_id)
                 if self._cache_bytes + len(record) <= self._cache_limit:
                     self._cache[key] = record
                     self._cache_bytes += len(record)
@@ -343,7 +346,7 @@ class Store:
                 freed: dict[str, int] = {}
                 for call in done:
                     self._forget(call)
-                    self._recent[call.key] = None
+                    self._completed(call.key)
                     if call.outbound:
                         freed[call.queue] = freed.get(call.queue, 0) + len(call.arguments)
                 while len(self._recent) > RECENT_DONE:
@@ -387,6 +390,14 @@ class Store:
             self.counters["dead"] += 1
             return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now,
                                  size])
+
+    def _completed(self, key: int) -> None:
+        self._recent[key] = None
+        ident = self._user_calls.pop(key, None)
+        if ident is not None:
+            entry = self._ids.get(ident)
+            if entry is not None and entry[0] == key:
+                entry[2] = True
 
     def _forget(self, call: StoredCall) -> None:
         self._taken.pop(call.key, None)
@@ -452,6 +463,7 @@ class Store:
                 raise KeyError(f"{call_id!r} is not a dead letter")
             del self._dead[key]
             self._moved.pop(key, None)
+            self._user_calls.pop(key, None)  # its id stays taken, but it never completed
             self.counters["purged"] += 1
             self._append([K_PURGE, key])
 
@@ -462,8 +474,8 @@ class Store:
             if key is None:
                 return CallStatus("unknown")
             if key in self._dead:
-                entry = self._dead[key]
-                return CallStatus("dead", entry[2], entry[5])
+                dead = self._dead[key]
+                return CallStatus("dead", dead[2], dead[5])
             attempts = self._attempts.get(key, 0)
             taken = self._taken.get(key)
             if taken is not None:
@@ -471,14 +483,15 @@ class Store:
             for queue in self._queues.values():
                 if key in queue.pending:
                     return CallStatus("stored" if queue.outbound else "accepted", None, attempts)
-            if key in self._recent or self._ids.get((source or self.cage_name, call_id)):
+            ident = self._ids.get((source or self.cage_name, call_id))
+            if key in self._recent or (ident is not None and ident[2]):
                 return CallStatus("executed", None, attempts)
             return CallStatus("unknown")
 
     def _key_of(self, call_id: str, source: str | None = None) -> int | None:
         entry = self._ids.get((source or self.cage_name, call_id))
         if entry is not None:
-            return entry[0]
+            return int(entry[0])
         if call_id.startswith(self._id_prefix) and call_id[len(self._id_prefix):].isdigit():
             return int(call_id[len(self._id_prefix):])
         return None
@@ -534,7 +547,8 @@ class Store:
             self._open = _pairs(state["open"])
             self._moved = _pairs(state["moved"])
             self._dead = {int(k): v for k, v in state["dead"].items()}
-            self._ids = {(s, u): (k, e) for s, u, k, e in state["ids"]}
+            self._ids = {(s, u): [k, e, done] for s, u, k, e, done in state["ids"]}
+            self._user_calls = {k: ident for ident, (k, _, done) in self._ids.items() if not done}
         for seq, payload in journal.replay(start):
             self._apply(seq, msgpack.unpackb(payload, raw=False), live)
         for key in self._open:
@@ -549,6 +563,8 @@ class Store:
             self._queue(name, is_out).pending = deque(sorted(keys))
         now = time.time()
         self._ids = {k: v for k, v in self._ids.items() if v[1] > now}
+        self._user_calls = {k: ident for k, ident in self._user_calls.items()
+                            if k in live or k in self._dead}
         if live or self._dead:
             log.info("store %s: %d pending calls, %d dead letters", self.directory, len(live),
                      len(self._dead))
@@ -562,7 +578,8 @@ class Store:
                 if record[3]:
                     self._queue(record[2], True).bytes += len(record[7])
                 if record[4] is not None:
-                    self._ids[(record[10], record[4])] = (key, record[9] + self.retention)
+                    self._ids[(record[10], record[4])] = [key, record[9] + self.retention, False]
+                    self._user_calls[key] = (record[10], record[4])
             elif key in live or key in self._dead:
                 self._moved[key] = seq  # a relocated copy of a call still pending
         elif kind == K_ATTEMPT:
@@ -582,7 +599,7 @@ class Store:
                 live.pop(key, None)
                 self._drop_counters(key)
                 self._moved.pop(key, None)
-                self._recent[key] = None
+                self._completed(key)
             freed = record[2]
             for name, size in zip(freed[::2], freed[1::2], strict=True):
                 self._queue(name, True).bytes -= size
@@ -603,6 +620,7 @@ class Store:
         elif kind == K_PURGE:
             self._dead.pop(record[1], None)
             self._moved.pop(record[1], None)
+            self._user_calls.pop(record[1], None)
 
     def maintain(self, force: bool = False) -> bool:
         """Checkpoint, release what the journal no longer needs and relocate stragglers, if due.
@@ -646,7 +664,7 @@ class Store:
             "open": _flat(self._open),
             "moved": _flat(self._moved),
             "dead": self._dead,
-            "ids": [[s, u, k, e] for (s, u), (k, e) in self._ids.items() if e > now],
+            "ids": [[s, u, k, e, done] for (s, u), (k, e, done) in self._ids.items() if e > now],
         }
 
     def _floor(self, covered: int) -> int:
