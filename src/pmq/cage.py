@@ -36,6 +36,7 @@ __all__ = ["Cage", "Transaction", "aexecute", "execute"]
 log = logging.getLogger("pmq.cage")
 
 MAINTENANCE_SECONDS = 1.0
+DRAIN_POLL_SECONDS = 0.005
 LOOPBACK_QUEUE = "loopback_queue"
 
 
@@ -360,23 +361,26 @@ class Cage:
         Raises:
             Timeout: calls were still pending after `timeout` seconds.
         """
-        store = self._store()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while store.outstanding():
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(f"cage {self.name!r}: {store.outstanding()} calls still pending "
-                              f"after {timeout} s")
-            time.sleep(0.005)
+        deadline = self._drain_deadline(timeout)
+        while not self._drained(deadline, timeout):
+            time.sleep(DRAIN_POLL_SECONDS)
 
     async def adrain(self, timeout: float | None = None) -> None:
         """``drain`` for asyncio code."""
-        store = self._store()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while store.outstanding():
-            if deadline is not None and time.monotonic() > deadline:
-                raise Timeout(f"cage {self.name!r}: {store.outstanding()} calls still pending "
-                              f"after {timeout} s")
-            await asyncio.sleep(0.005)
+        deadline = self._drain_deadline(timeout)
+        while not self._drained(deadline, timeout):
+            await asyncio.sleep(DRAIN_POLL_SECONDS)
+
+    def _drain_deadline(self, timeout: float | None) -> float | None:
+        self._store()
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _drained(self, deadline: float | None, timeout: float | None) -> bool:
+        outstanding = self._store().outstanding()
+        if outstanding and deadline is not None and time.monotonic() > deadline:
+            raise Timeout(f"cage {self.name!r}: {outstanding} calls still pending after "
+                          f"{timeout} s")
+        return not outstanding
 
 
 class Transaction:

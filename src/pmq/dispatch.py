@@ -185,37 +185,32 @@ class Dispatcher:
 
     def notify(self) -> None:
         """New calls may be ready (thread-safe; coalesces wake-ups)."""
-        loop = self._loop
-        if loop is None:
-            return
         with self._results_lock:
-            if self._signalled:
-                return
+            first = not self._signalled
             self._signalled = True
-        if _running_loop() is loop:
-            self._wake.set()  # type: ignore[union-attr]
-        else:
-            try:
-                loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
-            except RuntimeError:
-                pass  # the loop is closed: the cage is stopping
+        if first:
+            self._wake_loop()
 
     def _report(self, run: _Run) -> None:
         """Called by a worker thread or a task when an attempt has an outcome."""
         with self._results_lock:
             self._results.append(run)
-            if self._signalled:
-                return
+            first = not self._signalled
             self._signalled = True
+        if first:
+            self._wake_loop()
+
+    def _wake_loop(self) -> None:
         loop = self._loop
-        if loop is not None:
-            if _running_loop() is loop:
-                self._wake.set()  # type: ignore[union-attr]
-            else:
-                try:
-                    loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
-                except RuntimeError:
-                    pass
+        if loop is None or self._wake is None:
+            return
+        if _running_loop() is loop:
+            self._wake.set()
+        else:
+            try:
+                loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:
+                pass  # the loop is closed: the cage is stopping
 
     # ---- the main loop -------------------------------------------------------------------
 
