@@ -75,12 +75,17 @@ class JournalMachine(RuleBasedStateMachine):
         return (head * (size // len(head) + 1))[:size]
 
     def _set_disk_full(self, full: bool) -> None:
+        # The fault hook is process-global and the journal prepares its next segment in a
+        # background thread (pmq-journal-spare, asked for once a segment is half full). A spare
+        # being prepared while the fault changes would see the old disk or the new one depending
+        # on timing: after fill, (append past half), free, fill, the roll then found a spare or
+        # raised StorageFull at random, and Hypothesis needs every run of a case to behave alike.
+        # So every background preparation finishes under the disk state it started in: join them
+        # before the fault is set *and* before it is cleared.
+        for thread in threading.enumerate():
+            if thread.name.startswith("pmq-journal-spare"):
+                thread.join()
         if full:
-            # A spare segment being prepared in the background right now would escape the fault
-            # or not depending on timing; Hypothesis needs every run of a case to behave alike.
-            for thread in threading.enumerate():
-                if thread.name.startswith("pmq-journal-spare"):
-                    thread.join()
             _journal._set_fault("prepare", 1, errno.ENOSPC)
         else:
             _journal._clear_faults()
@@ -289,7 +294,7 @@ class JournalMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         """Close the journal and delete every generation's directory."""
         try:
-            _journal._clear_faults()
+            self._set_disk_full(False)  # no fault outlives this example (close joins the spare)
             if self.journal is not None:
                 self.journal.close()
         finally:
