@@ -27,7 +27,7 @@ from pmq._codec import pack_arguments
 from pmq._config import QueuePolicy, load_config, parse_address, policies_from
 from pmq._names import check_cage_name, check_call_id
 from pmq.dispatch import Dispatcher, Registry, current_cage, current_call
-from pmq.errors import QueueFull, Timeout
+from pmq.errors import JournalError, JournalFailed, QueueFull, Timeout
 from pmq.proxy import CallSpec, Proxy, Target
 from pmq.store import CallStatus, DeadLetter, NewCall, Store
 
@@ -100,6 +100,7 @@ class Cage:
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._serve_task: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self._own_loop = False
         self.execute: Proxy[str | None] = Proxy(self._submit)
         self.aexecute: Proxy[Any] = Proxy(self._asubmit)
@@ -180,9 +181,19 @@ class Cage:
                        asyncio.create_task(self._maintain())]
         if ready is not None:
             ready.set()
-        for outcome in await asyncio.gather(*self._tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                raise outcome  # the dispatcher or maintenance failed: start()/the log says so
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+        # Runs until stop() cancels maintenance: the loop stays alive for stop() even when a
+        # task has failed.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """Report a failed dispatcher or maintenance task at once, not at stop()."""
+        if task.cancelled() or task.exception() is None or self._failure is not None:
+            return
+        self._failure = task.exception()
+        log.error("cage %s stopped running calls: %r; stop it and start it again", self.name,
+                  self._failure, exc_info=self._failure)
 
     async def _maintain(self) -> None:
         """Checkpoint and reclaim space in the background, off the event loop."""
@@ -190,7 +201,14 @@ class Cage:
         assert self.store is not None
         while True:
             await asyncio.sleep(MAINTENANCE_SECONDS)
-            await loop.run_in_executor(None, self.store.maintain)
+            try:
+                await loop.run_in_executor(None, self.store.maintain)
+            except JournalFailed:
+                raise  # the journal refuses all work: the cage has to be restarted
+            except (JournalError, OSError) as exc:
+                # No checkpoint this time (e.g. the disk is full): nothing is lost, the journal
+                # keeps everything; try again at the next tick.
+                log.error("cage %s: checkpoint failed, will retry: %s", self.name, exc)
 
     def stop(self) -> None:
         """Finish running handlers, write a checkpoint and close the data directory."""
@@ -199,8 +217,9 @@ class Cage:
         if threading.current_thread() is self._thread:
             raise RuntimeError("stop() called from the cage's own event loop; use "
                                "`await cage.astop()` there")
-        future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        future.result()
+        if self._thread.is_alive():
+            future = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+            future.result()
         self._thread.join()
         self._thread = None
         self._close_store()
@@ -279,6 +298,9 @@ class Cage:
     def _store(self) -> Store:
         if self.store is None:
             raise RuntimeError(f"cage {self.name!r} is not started: call start() first")
+        if self._failure is not None:
+            raise RuntimeError(f"cage {self.name!r} stopped running calls "
+                               f"({self._failure!r}); stop it and start it again")
         return self.store
 
     def _limit(self, queue: str) -> tuple[int, int]:
@@ -335,17 +357,21 @@ class Cage:
     def dead_letters(self) -> list[DeadLetter]:
         return self._store().dead_letters()
 
-    def replay(self, call_id: str) -> None:
-        """Send a dead letter back to its queue with its attempts reset."""
-        self._store().revive(call_id)
+    def replay(self, call_id: str, source: str | None = None) -> None:
+        """Send a dead letter back to its queue with its attempts reset.
+
+        `source` names the cage that made the call, when its id was given with ``id=`` and
+        several cages used the same id.
+        """
+        self._store().revive(call_id, source)
         self._notify()
 
-    def purge(self, call_id: str) -> None:
-        """Delete a dead letter for good."""
-        self._store().purge(call_id)
+    def purge(self, call_id: str, source: str | None = None) -> None:
+        """Delete a dead letter for good (`source` as for ``replay``)."""
+        self._store().purge(call_id, source)
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the store, the dispatcher and the journal (docs/operations.md)."""
+        """Counters of the store, the dispatcher and the journal (docs/cage.md)."""
         store = self._store()
         stats = store.stats()
         if self.dispatcher is not None:

@@ -169,6 +169,7 @@ class Dispatcher:
         self._jobs_ready = threading.Condition()
         self._workers_stop = False
         self._handler_seconds = 0.0  # moving mean of plain handlers' duration
+        self.counters_buried = 0
         self._woke_more = 0.0  # when the run loop last woke an extra worker
         self._results: list[_Run] = []
         self._results_lock = threading.Lock()
@@ -279,8 +280,10 @@ class Dispatcher:
         return state
 
     async def _start_ready(self) -> int:
+        """Start what may start; return how many calls were started or buried (progress)."""
         now = time.monotonic()
         runs: list[_Run] = []
+        buried = self.counters_buried
         while self._retries and self._retries[0][0] <= now:
             _, _, call = heapq.heappop(self._retries)
             state = self._state(call.queue)
@@ -305,14 +308,13 @@ class Dispatcher:
                         state.suspects.append(call)
                     else:
                         self._prepare(call, runs)
-            if state.suspects and state.running == 0 and not any(
-                    r.call.queue == name for r in runs):
+            while state.suspects and state.running == 0 and not state.suspect_running:
                 suspect = state.suspects.popleft()
                 before = len(runs)
-                self._prepare(suspect, runs)
+                self._prepare(suspect, runs)  # may bury it (e.g. max_crashes): then the next
                 state.suspect_running = len(runs) > before
         if not runs:
-            return 0
+            return self.counters_buried - buried
         seq = self.store.begin_attempts([run.call for run in runs])
         await self.store.journal.sync_async(seq)  # the attempt is on disk before it runs
         plain = 0
@@ -448,14 +450,25 @@ class Dispatcher:
             state.held += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, call.key, call))
         if done or failed:
-            self.store.finish(done, failed)
+            seq = self.store.finish(done, failed)
             self.counters["executed"] += len(done)
+            # Have the outcome written now rather than with whatever commit comes next: an
+            # idle cage would otherwise keep completions in memory, and a crash would run
+            # those calls again. Under load this fsync merges with the others (group commit).
+            self.store.journal.sync_async(seq).add_done_callback(_consume)
 
     def _bury(self, call: StoredCall, reason: str, detail: str) -> None:
+        self.counters_buried += 1
         self._first_attempt.pop(call.key, None)
         self.store.bury(call, reason, detail)
         log.warning("call %s (%s.%s) moved to the dead letters: %s", call.call_id, call.module,
                     call.method, reason)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Retrieve a fire-and-forget future's outcome (a failed journal is reported elsewhere)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _classify(run: _Run, exc: BaseException) -> None:

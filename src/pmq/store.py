@@ -106,6 +106,7 @@ class DeadLetter(NamedTuple):
     detail: str
     at: float
     attempts: int
+    source: str
 
 
 class _Queue:
@@ -429,19 +430,18 @@ class Store:
             fields = msgpack.unpackb(records[key], raw=False)
             call_id = fields[4] if fields[4] is not None else self._id_prefix + str(key)
             letters.append(DeadLetter(call_id, queue, fields[5], fields[6], reason, detail, at,
-                                      attempts))
+                                      attempts, fields[10]))
         return letters
 
-    def revive(self, call_id: str) -> None:
+    def revive(self, call_id: str, source: str | None = None) -> None:
         """Put a dead letter back in its queue with its attempt count reset.
 
         Raises:
             KeyError: `call_id` is not a dead letter.
+            ValueError: the id was given by several source cages; say which with `source`.
         """
         with self._lock:
-            key = self._key_of(call_id)
-            if key is None or key not in self._dead:
-                raise KeyError(f"{call_id!r} is not a dead letter")
+            key = self._dead_key(call_id, source)
             name, outbound, *_, size = self._dead.pop(key)
             queue = self._queue(name, outbound)
             queue.pending.append(key)
@@ -451,16 +451,15 @@ class Store:
             self.counters["revived"] += 1
             self._append([K_REVIVE, key])
 
-    def purge(self, call_id: str) -> None:
+    def purge(self, call_id: str, source: str | None = None) -> None:
         """Delete a dead letter for good.
 
         Raises:
             KeyError: `call_id` is not a dead letter.
+            ValueError: the id was given by several source cages; say which with `source`.
         """
         with self._lock:
-            key = self._key_of(call_id)
-            if key is None or key not in self._dead:
-                raise KeyError(f"{call_id!r} is not a dead letter")
+            key = self._dead_key(call_id, source)
             del self._dead[key]
             self._moved.pop(key, None)
             self._user_calls.pop(key, None)  # its id stays taken, but it never completed
@@ -487,6 +486,20 @@ class Store:
             if key in self._recent or (ident is not None and ident[2]):
                 return CallStatus("executed", None, attempts)
             return CallStatus("unknown")
+
+    def _dead_key(self, call_id: str, source: str | None) -> int:
+        """The key of the dead letter `call_id` (made by `source`, or by any cage)."""
+        key = self._key_of(call_id, source)
+        if key is None and source is None:
+            found = {s: entry[0] for (s, u), entry in self._ids.items()
+                     if u == call_id and entry[0] in self._dead}
+            if len(found) > 1:
+                raise ValueError(f"dead letters from {sorted(found)} all have the id {call_id!r}; "
+                                 "say which with source=")
+            key = next(iter(found.values()), None)
+        if key is None or key not in self._dead:
+            raise KeyError(f"{call_id!r} is not a dead letter")
+        return int(key)
 
     def _key_of(self, call_id: str, source: str | None = None) -> int | None:
         entry = self._ids.get((source or self.cage_name, call_id))
