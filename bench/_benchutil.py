@@ -208,6 +208,18 @@ def percentile(sorted_values: list[int] | list[float], fraction: float) -> float
     return float(sorted_values[index])
 
 
+def latency_summary(samples_ns: list[int], prefix: str = "") -> dict[str, float]:
+    """p50, p99 and max of latencies given in nanoseconds, in microseconds (sorts in place)."""
+    if not samples_ns:
+        return {}
+    samples_ns.sort()
+    return {
+        f"{prefix}p50_us": percentile(samples_ns, 0.50) / 1e3,
+        f"{prefix}p99_us": percentile(samples_ns, 0.99) / 1e3,
+        f"{prefix}max_us": samples_ns[-1] / 1e3,
+    }
+
+
 def si(value: float, unit: str = "") -> str:
     """Format ``value`` compactly: 1234 -> '1,234', 1520000 -> '1.52 M'."""
     if value >= 10_000_000:

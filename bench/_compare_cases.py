@@ -71,16 +71,6 @@ class CaseResult:
 # helpers
 
 
-def _latency_summary(samples_ns: list[int], prefix: str = "") -> dict[str, float]:
-    if not samples_ns:
-        return {}
-    samples_ns.sort()
-    return {
-        f"{prefix}p50_us": bu.percentile(samples_ns, 0.50) / 1e3,
-        f"{prefix}p99_us": bu.percentile(samples_ns, 0.99) / 1e3,
-        f"{prefix}max_us": samples_ns[-1] / 1e3,
-    }
-
 
 def _pack_args() -> bytes:
     import msgpack
@@ -136,7 +126,7 @@ def case_sqlite_one(work: Path, seconds: float) -> CaseResult:
         conn.close()
         close_s = time.perf_counter() - close_start
     n = len(latencies)
-    extra: dict[str, Any] = _latency_summary(latencies)
+    extra: dict[str, Any] = bu.latency_summary(latencies)
     extra.update(settings, rows_stored=stored, close_s=close_s)
     return CaseResult(
         name="sqlite_one",
@@ -178,7 +168,7 @@ def case_sqlite_batch(work: Path, seconds: float) -> CaseResult:
         conn.close()
         close_s = time.perf_counter() - close_start
     n = len(latencies) * BATCH_CALLS
-    extra: dict[str, Any] = _latency_summary(latencies, "commit_")
+    extra: dict[str, Any] = bu.latency_summary(latencies, "commit_")
     extra.update(settings, rows_stored=stored, close_s=close_s, batch=BATCH_CALLS)
     return CaseResult(
         name="sqlite_batch",
@@ -244,7 +234,7 @@ def case_persist_queue(work: Path, seconds: float) -> CaseResult:
         queue.close()
         close_s = time.perf_counter() - close_start
     n = len(latencies)
-    extra: dict[str, Any] = _latency_summary(latencies)
+    extra: dict[str, Any] = bu.latency_summary(latencies)
     extra.update(settings, queued=stored, close_s=close_s)
     return CaseResult(
         name="pq_ack",
@@ -360,7 +350,7 @@ def case_pmq_one(work: Path, seconds: float) -> CaseResult:
     finally:
         _stop(cage, accounts, extra)
     n = len(latencies)
-    extra.update(_latency_summary(latencies))
+    extra.update(bu.latency_summary(latencies))
     extra.update(_window_stats(stats_before, stats_after, n, elapsed))
     return CaseResult(
         name="pmq_one",
@@ -417,7 +407,7 @@ def case_pmq_threads(work: Path, seconds: float) -> CaseResult:
         raise errors[0]
     latencies = [x for lat in per_thread for x in lat]
     n = len(latencies)
-    extra.update(_latency_summary(latencies), producers=THREAD_PRODUCERS)
+    extra.update(bu.latency_summary(latencies), producers=THREAD_PRODUCERS)
     extra.update(_window_stats(stats_before, stats_after, n, elapsed))
     return CaseResult(
         name="pmq_threads",
@@ -473,7 +463,7 @@ def case_pmq_asyncio(work: Path, seconds: float) -> CaseResult:
 
     elapsed = asyncio.run(run())
     n = len(latencies)
-    extra.update(_latency_summary(latencies))
+    extra.update(bu.latency_summary(latencies))
     extra.update(_window_stats(stats["before"], stats["after"], n, elapsed))
     return CaseResult(
         name="pmq_asyncio",
@@ -517,7 +507,7 @@ def case_pmq_xa(work: Path, seconds: float) -> CaseResult:
     finally:
         _stop(cage, accounts, extra)
     n = len(latencies) * BATCH_CALLS
-    extra.update(_latency_summary(latencies, "commit_"))
+    extra.update(bu.latency_summary(latencies, "commit_"))
     extra.update(_window_stats(stats_before, stats_after, n, elapsed))
     return CaseResult(
         name="pmq_xa",

@@ -63,16 +63,6 @@ def import_journal() -> Any:
     return Journal
 
 
-def _latency_summary(samples_ns: list[int]) -> dict[str, float]:
-    if not samples_ns:
-        return {}
-    samples_ns.sort()
-    return {
-        "p50_us": bu.percentile(samples_ns, 0.50) / 1e3,
-        "p99_us": bu.percentile(samples_ns, 0.99) / 1e3,
-        "max_us": samples_ns[-1] / 1e3,
-    }
-
 
 def _stat(stats: dict[str, float], *names: str) -> float | None:
     """Look a counter up in ``journal.stats()``, spelt with spaces or underscores."""
@@ -172,7 +162,7 @@ def case_plain(work: Path, seconds: float, label: str) -> Result:
         records=n,
         seconds=elapsed,
         records_per_s=n / elapsed,
-        extra=_latency_summary(latencies),
+        extra=bu.latency_summary(latencies),
     )
 
 
@@ -246,7 +236,7 @@ def case_one(journal_cls: Any, work: Path, seconds: float) -> Result:
     finally:
         close_s = _close(journal)
     n = len(latencies)
-    extra = _latency_summary(latencies)
+    extra = bu.latency_summary(latencies)
     extra.update(_stats_delta(before_stats, after_stats, elapsed))
     extra.update(open_s=open_s, close_s=close_s, durable_seq_covers_all=durable_ok)
     return Result(
@@ -302,7 +292,7 @@ def case_threads(journal_cls: Any, work: Path, seconds: float) -> Result:
         raise errors[0]
     latencies = [x for lat in per_thread for x in lat]
     n = len(latencies)
-    extra = _latency_summary(latencies)
+    extra = bu.latency_summary(latencies)
     extra.update(_stats_delta(before_stats, after_stats, elapsed))
     extra.update(open_s=open_s, close_s=close_s, producers=THREAD_PRODUCERS)
     return Result(
@@ -352,7 +342,7 @@ def case_asyncio(journal_cls: Any, work: Path, seconds: float) -> Result:
     finally:
         close_s = _close(journal)
     n = len(latencies)
-    extra = _latency_summary(latencies)
+    extra = bu.latency_summary(latencies)
     extra.update(_stats_delta(before_stats, after_stats, elapsed))
     extra.update(open_s=open_s, close_s=close_s, producers=ASYNC_PRODUCERS)
     return Result(
@@ -390,7 +380,7 @@ def case_many(journal_cls: Any, work: Path, seconds: float) -> Result:
     finally:
         close_s = _close(journal)
     n = len(latencies) * MANY_BATCH
-    extra = {f"commit_{k}": v for k, v in _latency_summary(latencies).items()}
+    extra = bu.latency_summary(latencies, "commit_")
     extra.update(_stats_delta(before_stats, after_stats, elapsed))
     extra.update(open_s=open_s, close_s=close_s, batch=MANY_BATCH)
     return Result(
