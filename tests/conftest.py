@@ -1,9 +1,9 @@
 """Shared test machinery: temporary journals, Hypothesis profiles and the torture switch.
 
-Owns: fixtures every test file may use (``journal_dir``, ``make_journal``), the Hypothesis
-profiles, and the rule that tests marked ``@pytest.mark.torture`` run only when ``PMQ_TORTURE=1``
-(``make torture``). Must not: know anything about one test file; keep it generic so the store and
-cage tests can use it too.
+Owns: fixtures every test file may use (``journal_dir``, ``make_journal``, ``make_cage``), the
+Hypothesis profiles, and the rule that tests marked ``@pytest.mark.torture`` run only when
+``PMQ_TORTURE=1`` (``make torture``). Must not: know anything about one test file; keep it
+generic so the store and cage tests can use it too.
 
 Invariants:
 - Every journal a test opens through ``make_journal`` is closed when the test ends, even when the
@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+import pmq
 
 #: True when the long crash and soak runs are wanted (``make torture`` sets PMQ_TORTURE=1).
 TORTURE = os.environ.get("PMQ_TORTURE", "") == "1"
@@ -84,3 +86,23 @@ def make_journal(journal_dir: Path) -> Iterator[Callable[..., Any]]:
         # A test may have failed the journal on purpose; closing it must still release it.
         with contextlib.suppress(JournalError):
             journal.close()
+
+
+@pytest.fixture
+def make_cage(tmp_path: Path) -> Iterator[Callable[..., pmq.Cage]]:
+    """Make cages on directories under tmp_path (started unless start=False); stop them all."""
+    made: list[pmq.Cage] = []
+
+    def make(name: str = "solo", data_dir: Path | None = None, *, start: bool = True,
+             **kwargs: Any) -> pmq.Cage:
+        cage = pmq.Cage(name, data_dir=data_dir if data_dir is not None else tmp_path / name,
+                        **kwargs)
+        made.append(cage)
+        if start:
+            cage.start()
+        return cage
+
+    yield make
+    for cage in reversed(made):
+        cage.stop()
+
