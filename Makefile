@@ -41,7 +41,7 @@ lint: $(STAMP)
 	$(PY) -m pip install --quiet $(LINTERS)
 	$(VENV)/bin/ruff check src tests bench
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cython-lint --max-line-length=100 src/pmq/*.pyx src/pmq/*.pxi
-	$(VENV)/bin/codespell --ignore-words-list=bu --skip='src/pmq/_vendor,*.c' src tests bench docs README.md
+	$(VENV)/bin/codespell --ignore-words-list=bu,caf --skip='src/pmq/_vendor,*.c' src tests bench docs README.md
 	$(VENV)/bin/validate-pyproject pyproject.toml
 	$(PY) -m mypy --strict src/pmq
 	$(PY) -m mypy.stubtest pmq._journal --allowlist stubtest-allowlist.txt
