@@ -2,6 +2,10 @@
 
 Owns: small tools that several test files use. Must not: start anything by itself (the
 ``make_cage`` fixture in conftest.py does that) or assert on timing.
+
+The cage tests share these conventions: each cage runs on a data directory under ``tmp_path``
+on the real disk (never tmpfs, where fsync does nothing); nothing asserts on time; waiting is
+``cage.drain(timeout=...)``, ``wait_until`` or an Event with the generous ``LIMIT_S``.
 """
 
 from __future__ import annotations

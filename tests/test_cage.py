@@ -1,13 +1,8 @@
 """The local cage: lifecycle, handlers and bad input.
 
-Everything here runs one cage (sometimes two on one directory, or a second process) on a data
-directory under ``tmp_path`` on the real disk, with loopback calls only: the transport does not
-exist yet, so calls to a peer stay in its outbound queue, which is what the back-pressure tests
-use. The promises checked are DESIGN.md §1 and §2 as cage.py implements them, and the choices
-written down in docs/decisions.md, "Cage (local)".
-
-Nothing asserts on time. Waiting is done with ``cage.drain(timeout=...)`` or an Event with a
-generous limit; a handler that must hold still waits on an Event the test sets.
+Runs one cage on a data directory under ``tmp_path`` (real disk) and checks DESIGN.md §1 as
+cage.py implements it. The conventions shared by every cage test file (no timing assertions,
+waiting through ``cage.drain`` or Events) are in tests/helpers.py.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
 """The local cage: outcomes, dead letters, transactions and user ids.
 
-Everything here runs one cage (sometimes two on one directory, or a second process) on a data
-directory under ``tmp_path`` on the real disk, with loopback calls only: the transport does not
-exist yet, so calls to a peer stay in its outbound queue, which is what the back-pressure tests
-use. The promises checked are DESIGN.md §1 and §2 as cage.py implements them, and the choices
-written down in docs/decisions.md, "Cage (local)".
-
-Nothing asserts on time. Waiting is done with ``cage.drain(timeout=...)`` or an Event with a
-generous limit; a handler that must hold still waits on an Event the test sets.
+Checks DESIGN.md §2's outcomes: what a failure, ``Retry``, ``Reject``, a deadline or a limit
+does to a call, that dead letters can be inspected, replayed and purged, that a transaction is
+one frame or nothing, and that a user id is accepted once within the retention window.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """The local cage: order, concurrency, restarts, back-pressure, disk, locking, space, stats.
 
-Everything here runs one cage (sometimes two on one directory, or a second process) on a data
-directory under ``tmp_path`` on the real disk, with loopback calls only: the transport does not
-exist yet, so calls to a peer stay in its outbound queue, which is what the back-pressure tests
-use. The promises checked are DESIGN.md §1 and §2 as cage.py implements them, and the choices
-written down in docs/decisions.md, "Cage (local)".
-
-Nothing asserts on time. Waiting is done with ``cage.drain(timeout=...)`` or an Event with a
-generous limit; a handler that must hold still waits on an Event the test sets.
+Checks the queue-level promises: FIFO and head-of-line blocking in ordered queues, the
+concurrency bound, resuming after a restart, ``QueueFull`` back-pressure (calls to a peer stay
+in its outbound queue: there is no transport yet), a failing fsync, one cage per directory,
+the data directory shrinking once a backlog drains, and ``stats()``.
 """
 
 from __future__ import annotations
