@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_until
 from pmq import _journal
 from pmq._journal import Journal
 from pmq.errors import JournalError, JournalLocked
@@ -557,6 +558,24 @@ def test_segment_files_are_named_by_their_first_seq(make_journal: Any, journal_d
     on_disk = {p.name for p in journal_dir.glob("*.seg")}
     assert listed == on_disk
     assert len(on_disk) > 1
+
+
+@pytest.mark.parametrize("writer", ["append", "append_many"])
+def test_the_next_segment_is_prepared_before_the_active_one_fills(
+    make_journal: Any, journal_dir: Path, writer: str
+) -> None:
+    """Past half of a segment, a spare appears in the background, whichever way records come."""
+    journal = make_journal(segment_bytes=256 * KIB)
+    payloads = [payload_for(i, 1000) for i in range(1, 151)]  # ~150 KiB: past half, no roll
+    if writer == "append":
+        for payload in payloads:
+            journal.append(payload)
+    else:
+        journal.append_many(payloads[:75])  # a frame holds at most half a segment
+        journal.append_many(payloads[75:])
+    journal.sync()
+    assert len(journal.segments()) == 1
+    wait_until(lambda: any(journal_dir.glob("spare-*.tmp")), "a spare segment to be prepared")
 
 
 # --- release_before and copy_forward -----------------------------------------------------------
