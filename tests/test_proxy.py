@@ -1,7 +1,7 @@
 """The call chain ``proxy.on(target, ...).module.method(*args, **kwargs)`` (pmq.proxy).
 
 What must hold (the module docstring of pmq.proxy):
-- the chain hands ``submit`` one CallSpec with the parsed target, the names, the options and the
+- the chain hands ``submit`` its MethodRef (the parsed target, the names, the options) and the
   caller's args and kwargs untouched, and returns whatever ``submit`` returns;
 - every option and name is checked where it is written, before ``submit`` is ever called;
 - names starting with ``_`` raise AttributeError, so dunder probing, copy and hasattr behave.
@@ -15,23 +15,41 @@ from __future__ import annotations
 import copy
 import math
 import pickle
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
 import pmq
 from pmq.errors import PmqError, QueueFull, Reject, RemoteError, Retry
-from pmq.proxy import CallSpec, Proxy
+from pmq.proxy import MethodRef, Proxy
+
+
+class CallSpec(NamedTuple):
+    """What ``submit`` was given, flattened for comparison."""
+
+    target: str
+    queued: bool
+    module: str
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    user_id: str | None
+    expires_in: float | None
+    timeout: float | None
+    wait: bool
 
 
 class Recorder:
-    """A ``submit`` that records every spec it gets and returns a marker."""
+    """A ``submit`` that records every call it gets and returns a marker."""
 
     def __init__(self) -> None:
         self.specs: list[CallSpec] = []
+        self.refs: list[MethodRef[str]] = []
 
-    def __call__(self, spec: CallSpec) -> str:
-        self.specs.append(spec)
+    def __call__(self, ref: MethodRef[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        self.refs.append(ref)
+        self.specs.append(CallSpec(ref.target, ref.queued, ref.module, ref.method, args, kwargs,
+                                   ref.user_id, ref.expires_in, ref.timeout, ref.wait))
         return f"submitted-{len(self.specs)}"
 
 
@@ -50,12 +68,15 @@ def proxy(recorder: Recorder) -> Proxy[str]:
 # ---- the spec ---------------------------------------------------------------------------------
 
 
-def test_call_spec_fields_are_in_the_documented_order() -> None:
-    """CallSpec is a NamedTuple with exactly these fields."""
-    assert CallSpec._fields == (
-        "target", "queued", "module", "method", "args", "kwargs",
-        "user_id", "expires_in", "timeout", "wait",
-    )  # fmt: skip
+def test_submit_gets_the_method_ref_that_was_called(
+    proxy: Proxy[str], recorder: Recorder
+) -> None:
+    """submit receives the very MethodRef the user called, so a kept reference is reused."""
+    credit = proxy.on("ledger_queue").accounts.credit
+    credit(1)
+    credit(2)
+    assert recorder.refs == [credit, credit]
+    assert recorder.refs[0] is credit
 
 
 def test_queued_call_builds_its_spec(proxy: Proxy[str], recorder: Recorder) -> None:
@@ -121,7 +142,7 @@ def test_one_target_serves_many_calls(proxy: Proxy[str], recorder: Recorder) -> 
 def test_submit_result_is_returned_whatever_it_is() -> None:
     """The chain returns what submit returns (an id, a result, an awaitable...)."""
     sentinel = object()
-    assert Proxy(lambda spec: sentinel).on("a").m.f() is sentinel
+    assert Proxy(lambda spec, args, kwargs: sentinel).on("a").m.f() is sentinel
 
 
 # ---- validation -------------------------------------------------------------------------------
@@ -256,7 +277,7 @@ def test_reprs_show_target_module_and_method(proxy: Proxy[str]) -> None:
     assert repr(proxy.on("ledger", timeout=2)) == "<pmq target 'ledger' (synchronous, timeout=2.0)>"
     assert repr(target.accounts) == "<pmq module 'accounts' on 'ledger_queue'>"
     assert repr(target.accounts.credit) == "<pmq method 'accounts.credit' on 'ledger_queue'>"
-    assert "queued calls only" in repr(Proxy(lambda spec: None, queued_only=True))
+    assert "queued calls only" in repr(Proxy(lambda spec, args, kwargs: None, queued_only=True))
 
 
 # ---- exceptions around a call -----------------------------------------------------------------
