@@ -208,6 +208,57 @@ def test_aexecute_with_wait_waits_for_room(make_cage: Callable[..., pmq.Cage]) -
     assert cage.store is not None and cage.store.pending("ledger_queue", outbound=True) == 5
 
 
+def test_concurrent_aexecute_calls_keep_their_own_outcomes(
+    make_cage: Callable[..., pmq.Cage]
+) -> None:
+    """Calls made by many tasks at once are stored together, yet each caller gets what it would
+    have got alone: its id, the id of the call its user id repeats, or QueueFull."""
+    cage = make_cage(peers={"ledger": "127.0.0.1:1"},
+                     queues={"ledger_queue": {"max_pending": 41}})
+    before = next_seq(cage)
+
+    async def main() -> list[object]:
+        calls = [cage.aexecute.on("ledger_queue").accounts.credit(n) for n in range(40)]
+        calls += [cage.aexecute.on("ledger_queue", id="same").accounts.credit(n) for n in (1, 2)]
+        calls.append(cage.aexecute.on("ledger_queue").accounts.credit(99))  # one too many
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, str) for o in outcomes[:40])
+    assert len(set(outcomes[:40])) == 40
+    assert outcomes[40:42] == ["same", "same"]  # the second was recognised as the first
+    assert isinstance(outcomes[42], pmq.QueueFull)
+    assert cage.store is not None and cage.store.pending("ledger_queue", outbound=True) == 41
+    assert next_seq(cage) - before == 41  # one record per stored call, nothing else
+    assert {cage.call_status(str(o)).state for o in outcomes[:41]} == {"stored"}
+
+
+def test_a_cancelled_aexecute_caller_does_not_disturb_the_others(
+    make_cage: Callable[..., pmq.Cage]
+) -> None:
+    """Cancelling one waiting caller leaves the calls made beside it to complete normally."""
+    cage = make_cage(peers={"ledger": "127.0.0.1:1"})
+
+    async def main() -> list[object]:
+        first = asyncio.ensure_future(cage.aexecute.on("ledger_queue").accounts.credit(1))
+        others = [cage.aexecute.on("ledger_queue").accounts.credit(n) for n in range(5)]
+        first.cancel()
+        return await asyncio.gather(*others)
+
+    ids = asyncio.run(main())
+    assert len(set(ids)) == 5
+    assert {cage.call_status(str(i)).state for i in ids} == {"stored"}
+
+
+def test_aexecute_outside_a_running_loop_says_where_it_must_be_called(
+    make_cage: Callable[..., pmq.Cage]
+) -> None:
+    """aexecute called from plain code raises a RuntimeError that names execute."""
+    cage = make_cage()
+    with pytest.raises(RuntimeError, match=r"cage\.execute"):
+        cage.aexecute.on("loopback_queue").mod.f()
+
+
 # ---- a failing disk --------------------------------------------------------------------------
 
 

@@ -52,7 +52,7 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped, unused-ignore]  # msgpack ships no type information
 
-__all__ = ["MAX_DEPTH", "pack_arguments", "unpack_arguments"]
+__all__ = ["MAX_DEPTH", "pack_arguments", "pack_call_arguments", "unpack_arguments"]
 
 #: How deeply containers may nest within one argument.
 MAX_DEPTH = 64
@@ -115,7 +115,11 @@ def pack_arguments(args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any])
         raise TypeError(
             f"kwargs key {key!r:.60} is {_a(type(key))}: keyword argument names must be str"
         )
-    if not (_fit(args, 1) and _fit(named.values(), 1)):
+    values = named.values()
+    # Flat arguments, the common case, pass two C-level type checks without a Python call.
+    if not (_SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, values))) and (
+        not (_fit(args, 1) and _fit(values, 1))
+    ):
         raise _describe(args, named, for_unpack=False)
     try:
         packed: bytes = _packers.packer.pack([args, named])
@@ -123,6 +127,23 @@ def pack_arguments(args: tuple[Any, ...] | list[Any], kwargs: Mapping[str, Any])
         # Only an int out of msgpack's range gets past the checks above; _describe finds it.
         raise _describe(args, named, for_unpack=False) from None
     return packed
+
+
+def pack_call_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """``pack_arguments`` for what a Python call received as ``*args, **kwargs``.
+
+    The shapes are already right there: a tuple, and a dict whose keys Python made sure are
+    str (a str subclass given with ``**`` is still a keyword's name, packed as its text), so
+    flat arguments, the common case, are checked by two C-level type scans and packed; anything
+    else takes ``pack_arguments``' full path, with its messages.
+    """
+    if _SCALARS.issuperset(map(type, args)) and _SCALARS.issuperset(map(type, kwargs.values())):
+        try:
+            packed: bytes = _packers.packer.pack([args, kwargs])
+            return packed
+        except (OverflowError, TypeError, ValueError):
+            pass  # an int out of range: the full path names it
+    return pack_arguments(args, kwargs)
 
 
 def unpack_arguments(data: bytes | bytearray | memoryview) -> tuple[list[Any], dict[str, Any]]:

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 import threading
 import time
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple, overload
 
 import msgpack
 
@@ -37,7 +38,7 @@ from pmq._checkpoint import read_checkpoint, write_checkpoint
 from pmq._journal import Journal
 from pmq.errors import JournalCorruption, QueueFull
 
-__all__ = ["CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
+__all__ = ["CallIds", "CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
 
 log = logging.getLogger("pmq.store")
 
@@ -50,6 +51,13 @@ K_DONE = 4  # [4, [key, ...], [queue, bytes, ...]]  completed; bytes freed per o
 K_DEAD = 5  # [5, key, queue, outbound, reason, detail, at, argument bytes]
 K_REVIVE = 6  # [6, key]  a dead letter goes back to its queue
 K_PURGE = 7  # [7, key]  a dead letter is deleted
+
+_USER_ID = operator.attrgetter("user_id")
+_ROUTE = operator.attrgetter("queue", "outbound")
+_ARGUMENTS = operator.attrgetter("arguments")
+
+_CALL_HEAD = b"\x9b\x01"  # msgpack: an array of 11 items, the first K_CALL
+_NIL = b"\xc0"  # msgpack: None (the user id of a call without one)
 
 RECENT_DONE = 100_000  # completed keys remembered for call_status (memory only)
 DETAIL_MAX_CHARS = 16_384
@@ -67,6 +75,50 @@ class NewCall(NamedTuple):
     user_id: str | None  # the full id (already "<parent>:<id>" inside a handler)
     deadline: float | None  # seconds since the epoch
     source: str  # the cage that made the call
+
+
+class CallIds(Sequence[str]):
+    """The automatic ids of calls with consecutive keys, made only when someone reads them.
+
+    A transaction of thousands of calls whose ids nobody asks for then costs no string each.
+    """
+
+    __slots__ = ("_count", "_first", "_prefix")
+
+    def __init__(self, prefix: str, first: int, count: int) -> None:
+        self._prefix = prefix
+        self._first = first
+        self._count = count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError("call id index out of range")
+        return self._prefix + str(self._first + index)
+
+    def __iter__(self) -> Iterator[str]:
+        prefix = self._prefix
+        return (prefix + key for key in map(str, range(self._first, self._first + self._count)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are not hashable
+
+    def __repr__(self) -> str:
+        return repr(list(self))
 
 
 class StoredCall:
@@ -180,8 +232,8 @@ class Store:
 
     # ---- making calls --------------------------------------------------------------------
 
-    def enqueue(self, calls: list[NewCall],
-                limit: Callable[[str], tuple[int, int]] | None = None) -> tuple[list[str], int]:
+    def enqueue(self, calls: list[NewCall], limit: Callable[[str], tuple[int, int]] | None = None
+                ) -> tuple[Sequence[str], int]:
         """Append `calls` in one journal frame; return their ids and the seq to wait for.
 
         A call whose user id was already accepted from the same source within the retention
@@ -194,51 +246,108 @@ class Store:
         now = time.time()
         with self._lock:
             seq = self.journal.next_seq
-            records: list[bytes] = []
-            ids: list[str] = []
-            fresh: list[tuple[int, NewCall]] = []
-            claimed: set[tuple[str, str]] = set()
-            for call in calls:
-                if call.user_id is not None:
-                    known = self._ids.get((call.source, call.user_id))
-                    seen = known is not None and known[1] > now
-                    if seen or (call.source, call.user_id) in claimed:
-                        self.counters["duplicates"] += 1
-                        ids.append(call.user_id)
-                        continue
-                    claimed.add((call.source, call.user_id))
-                key = seq + len(records)
-                records.append(self._packer.pack(
-                    [K_CALL, key, call.queue, call.outbound, call.user_id, call.module,
-                     call.method, call.arguments, call.deadline, now, call.source]))
-                ids.append(call.user_id if call.user_id is not None else self._id_prefix + str(key))
-                fresh.append((key, call))
-            if not records:
-                return ids, 0
+            ids: Sequence[str]
+            if any(map(_USER_ID, calls)):
+                ids, fresh, records = self._encode_with_ids(calls, seq, now)
+                if not records:
+                    return ids, 0
+            else:
+                fresh = calls
+                records = self._encode_plain(calls, seq, now)
+                ids = CallIds(self._id_prefix, seq, len(calls))
             if limit is not None:
                 self._check_limits(fresh, limit)
             last = (self.journal.append(records[0]) if len(records) == 1
                     else self.journal.append_many(records))
             assert last == seq + len(records) - 1, "store appends must be serialised"
-            for (key, call), record in zip(fresh, records, strict=True):
+            self._index(fresh, records, seq, now)
+            return ids, last
+
+    def _encode_plain(self, calls: list[NewCall], seq: int, now: float) -> list[bytes]:
+        """K_CALL records of calls without user ids (keys seq, seq + 1, ...).
+
+        Transactions of thousands of calls spend more time here than in their fsync, so the
+        parts that repeat from one call to the next (the queue, module, method, deadline and
+        source, usually the very same str objects) are packed once per run of equal calls and
+        joined around each call's key and arguments: the same msgpack array as packing the
+        whole list, at half the cost.
+        """
+        pack = self._packer.pack
+        records: list[bytes] = []
+        append = records.append
+        join = b"".join
+        pq: object = None
+        pm = pf = pd = pout = psrc = pq
+        mid = tail = b""
+        for key, (q, out, m, f, a, _, d, src) in enumerate(calls, seq):
+            if q is not pq or m is not pm or f is not pf or d is not pd or out is not pout or (
+                    src is not psrc):
+                pq, pout, pm, pf, pd, psrc = q, out, m, f, d, src
+                mid = pack(q) + pack(out) + _NIL + pack(m) + pack(f)
+                tail = pack(d) + pack(now) + pack(src)
+            append(join((_CALL_HEAD, pack(key), mid, pack(a), tail)))
+        return records
+
+    def _encode_with_ids(self, calls: list[NewCall], seq: int,
+                         now: float) -> tuple[list[str], list[NewCall], list[bytes]]:
+        """Records for `calls`, leaving out those whose user id was seen (under _lock)."""
+        pack = self._packer.pack
+        prefix = self._id_prefix
+        records: list[bytes] = []
+        ids: list[str] = []
+        fresh: list[NewCall] = []
+        claimed: set[tuple[str, str]] = set()
+        for call in calls:
+            user_id = call.user_id
+            key = seq + len(records)
+            if user_id is None:
+                ids.append(prefix + str(key))
+            else:
+                ident = (call.source, user_id)
+                known = self._ids.get(ident)
+                ids.append(user_id)
+                if (known is not None and known[1] > now) or ident in claimed:
+                    self.counters["duplicates"] += 1
+                    continue
+                claimed.add(ident)
+            records.append(pack([K_CALL, key, call.queue, call.outbound, user_id, call.module,
+                                 call.method, call.arguments, call.deadline, now, call.source]))
+            fresh.append(call)
+        return ids, fresh, records
+
+    def _index(self, fresh: list[NewCall], records: list[bytes], seq: int, now: float) -> None:
+        """Put just-appended calls (keys seq, seq + 1, ...) in their queues, the id window and
+        the payload cache (under _lock)."""
+        end = seq + len(records)
+        routes = set(map(_ROUTE, fresh))
+        if len(routes) == 1:
+            queue = self._queue(*routes.pop())
+            queue.pending.extend(range(seq, end))
+            if queue.outbound:
+                queue.bytes += sum(map(len, map(_ARGUMENTS, fresh)))
+        else:
+            for key, call in enumerate(fresh, seq):
                 queue = self._queue(call.queue, call.outbound)
                 queue.pending.append(key)
                 if call.outbound:
                     queue.bytes += len(call.arguments)
-                if call.user_id is not None:
-                    self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
-                    self._user_calls[key] = (call.source, call.user_id)
-                if self._cache_bytes + len(record) <= self._cache_limit:
-                    self._cache[key] = record
-                    self._cache_bytes += len(record)
-                self._since_checkpoint += len(record)
-            self.counters["enqueued"] += len(records)
-            return ids, last
+        for key, call in enumerate(fresh, seq):
+            if call.user_id is not None:
+                self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
+                self._user_calls[key] = (call.source, call.user_id)
+        size = sum(map(len, records))
+        # The cache is best effort: a batch that does not fit whole is read back from the
+        # journal when it runs (a backlog has filled the cache, and its calls wait anyway).
+        if self._cache_bytes + size <= self._cache_limit:
+            self._cache.update(zip(range(seq, end), records, strict=True))
+            self._cache_bytes += size
+        self._since_checkpoint += size
+        self.counters["enqueued"] += len(records)
 
-    def _check_limits(self, fresh: list[tuple[int, NewCall]],
+    def _check_limits(self, fresh: list[NewCall],
                       limit: Callable[[str], tuple[int, int]]) -> None:
         adding: dict[str, list[int]] = {}
-        for _, call in fresh:
+        for call in fresh:
             if call.outbound:
                 counts = adding.setdefault(call.queue, [0, 0])
                 counts[0] += 1
@@ -662,11 +771,17 @@ class Store:
 
     def _snapshot(self, covered: int) -> dict[str, Any]:
         queues: list[list[Any]] = []
-        for (name, outbound), queue in self._queues.items():
-            keys = list(queue.pending)
-            keys += [c.key for c in self._taken.values()
-                     if c.queue == name and c.outbound == outbound]
-            queues.append([name, outbound, array("q", sorted(keys)).tobytes(), queue.bytes])
+        taken: dict[tuple[str, bool], list[int]] = {}
+        for call in self._taken.values():
+            taken.setdefault((call.queue, call.outbound), []).append(call.key)
+        for qkey, queue in self._queues.items():
+            # This runs under the lock that every enqueue needs: a backlog of a million calls in
+            # key order is copied by array() at C speed, and sorted only when it must be.
+            keys = array("q", queue.pending)
+            extra = taken.get(qkey)
+            if extra or not queue.sorted:
+                keys = array("q", sorted([*keys, *(extra or ())]))
+            queues.append([qkey[0], qkey[1], keys.tobytes(), queue.bytes])
         now = time.time()
         return {
             "journal_id": self.journal.journal_id,
@@ -685,7 +800,7 @@ class Store:
         floor = covered + 1
         for queue in self._queues.values():
             if queue.pending:
-                floor = min(floor, min(queue.pending))
+                floor = min(floor, queue.pending[0] if queue.sorted else min(queue.pending))
         for key in itertools.chain(self._taken, self._dead):
             floor = min(floor, key)
         if self._moved:
@@ -704,10 +819,21 @@ class Store:
             return
         boundary = segments[1].base_seq
         with self._lock:
-            live = [k for q in self._queues.values() for k in q.pending
-                    if self._moved.get(k, k) < boundary]
+            live: list[int] = []
+            moved = self._moved
+            for queue in self._queues.values():
+                # Under the lock every enqueue needs: a queue in key order is read only up to
+                # the boundary (copies only ever move forward), and not at all once there are
+                # too many to relocate, so a large backlog costs next to nothing here.
+                for key in queue.pending:
+                    if key >= boundary and queue.sorted:
+                        break
+                    if moved.get(key, key) < boundary:
+                        live.append(key)
+                        if len(live) > RELOCATE_MAX:
+                            return
             live += [k for k in itertools.chain(self._taken, self._dead)
-                     if self._moved.get(k, k) < boundary]
+                     if moved.get(k, k) < boundary]
             if not live or len(live) > RELOCATE_MAX:
                 return
             old = {self._moved.get(k, k): k for k in live}
