@@ -441,14 +441,14 @@ def test_oversize_arguments_raise_value_error(make_cage: Callable[..., pmq.Cage]
     assert next_seq(cage) == before
 
 
-def test_synchronous_target_raises_until_the_transport_exists(
+def test_synchronous_calls_to_itself_or_unknown_peers_raise_value_error(
     make_cage: Callable[..., pmq.Cage],
 ) -> None:
-    """execute.on("ledger") (synchronous) raises ValueError suggesting "ledger_queue"."""
-    cage = make_cage(peers={"ledger": "127.0.0.1:7002"}, expose={"mod": object()})
+    """execute.on("<self>") and execute.on("<unknown peer>") raise ValueError and store nothing."""
+    cage = make_cage(expose={"mod": object()})
     before = next_seq(cage)
-    with pytest.raises(ValueError, match="ledger_queue"):
-        cage.execute.on("ledger", timeout=5.0).accounts.balance(42)
-    with pytest.raises(ValueError, match="solo_queue"):
+    with pytest.raises(ValueError, match="loopback_queue"):
         cage.execute.on("solo").mod.f()
+    with pytest.raises(ValueError, match="unknown peer 'ledger'"):
+        cage.execute.on("ledger", timeout=5.0).accounts.balance(42)
     assert next_seq(cage) == before

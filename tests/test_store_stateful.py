@@ -72,7 +72,7 @@ batches = st.one_of(
 class ModelCall:
     """What the model knows about one stored call."""
 
-    order: int  # creation order: the store hands calls out oldest first
+    order: float  # creation order: the store hands calls out oldest first
     call_id: str
     queue: str
     outbound: bool
@@ -100,7 +100,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.store: Any = None
         self.calls: list[ModelCall] = []
         self.by_id: dict[tuple[str, str], ModelCall] = {}  # (source, call id) -> call
-        self.handed: dict[int, StoredCall] = {}  # order -> the StoredCall take() returned
+        self.handed: dict[float, StoredCall] = {}  # order -> the StoredCall take() returned
+        self.revived = 0  # outbound calls revived so far (they get new orders)
         self.claimed: set[tuple[str, str]] = set()  # (source, user id) ever stored
         self.counter = 0
 
@@ -319,6 +320,11 @@ class StoreMachine(RuleBasedStateMachine):
         call = data.draw(st.sampled_from(self._addressable_dead()), label="revive")
         self.store.revive(call.call_id)
         call.state = "waiting"
+        if call.outbound:
+            # The peer has seen every key up to its high-water mark, so the store sends the call
+            # again as a copy under a new key: after every call made so far, before the next.
+            self.revived += 1
+            call.order = len(self.calls) - 0.5 + self.revived * 1e-6
 
     def _addressable_dead(self) -> list[ModelCall]:
         """Dead letters that revive/purge can name: a user id from another cage cannot be
@@ -403,7 +409,8 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def status_agrees_with_the_model(self) -> None:
-        """call_status of every call: stored/accepted with attempts, executed, dead, unknown."""
+        """call_status of every call: stored/accepted with attempts, executed or transmitted, dead,
+        unknown."""
         if self.store is None:
             return
         for call in self.calls:
@@ -415,7 +422,8 @@ class StoreMachine(RuleBasedStateMachine):
                 assert (status.state, status.reason, status.attempts) == (
                     "dead", call.reason, call.dead_attempts), call
             elif call.state == "done":
-                allowed = {"executed", "unknown"} if call.forgotten_ok else {"executed"}
+                done = "transmitted" if call.outbound else "executed"
+                allowed = {done, "unknown"} if call.forgotten_ok else {done}
                 assert status.state in allowed, call
             else:  # purged: it never executed
                 assert status.state == "unknown", call

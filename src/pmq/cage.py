@@ -17,21 +17,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import ipaddress
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
+from pmq import protocol
 from pmq._coalesce import Coalescer
-from pmq._codec import pack_call_arguments
+from pmq._codec import pack_call_arguments, unpack_arguments
 from pmq._config import QueuePolicy, load_config, parse_address, policies_from
 from pmq._names import check_cage_name, check_call_id
-from pmq.dispatch import Dispatcher, Registry, current_cage, current_call
-from pmq.errors import JournalError, JournalFailed, QueueFull, Timeout
+from pmq.dispatch import Dispatcher, Registry, current_cage, current_call, serve_request
+from pmq.errors import JournalError, JournalFailed, ProtocolError, QueueFull, Timeout
 from pmq.proxy import MethodRef, Proxy, Target
 from pmq.store import CallStatus, DeadLetter, NewCall, Store
+from pmq.transport import Transport
 
 __all__ = ["Cage", "Transaction", "aexecute", "execute"]
 
@@ -42,6 +46,9 @@ _tuple_new = tuple.__new__
 MAINTENANCE_SECONDS = 1.0
 DRAIN_POLL_SECONDS = 0.005
 LOOPBACK_QUEUE = "loopback_queue"
+#: The largest arguments a call to another cage may carry: a frame, and the receiver's window,
+#: must hold the call with room to spare.
+MAX_WIRE_ARGUMENTS = protocol.DEFAULT_WINDOW_BYTES - (1 << 20)
 
 
 class Cage:
@@ -53,7 +60,10 @@ class Cage:
         listen: "host:port" to accept other cages on (port 0: any free port).
         peers: {cage name: "host:port" or a list of them, tried in order} of the cages this
             one calls.
-        secret: shared secret for the handshake between cages.
+        secret: shared secret for the handshake between cages (HMAC challenge and response).
+        tls_server, tls_client: ``ssl.SSLContext`` for accepting and for connecting; the peer's
+            certificate must name exactly the cage it says it is.
+        allow_insecure: listen on an address other than loopback without a secret or TLS.
         queues: {queue name: QueuePolicy or mapping}; "default" applies to the rest.
         durability: "always" (fsync before execute returns), "interval" or "never".
         workers: threads running plain (non-async) handlers.
@@ -72,7 +82,10 @@ class Cage:
                  queues: Mapping[str, QueuePolicy | Mapping[str, Any]] | None = None,
                  durability: str = "always", workers: int = 16, retention: float = 259_200.0,
                  expose: Mapping[str, object] | None = None,
-                 segment_bytes: int = 64 << 20) -> None:
+                 segment_bytes: int = 64 << 20,
+                 tls_server: ssl.SSLContext | None = None,
+                 tls_client: ssl.SSLContext | None = None,
+                 allow_insecure: bool = False) -> None:
         self.name = check_cage_name(name)
         self.data_dir = os.fspath(data_dir)
         self.listen = parse_address(listen, allow_port_zero=True) if listen is not None else None
@@ -85,6 +98,13 @@ class Cage:
         if secret is not None and not isinstance(secret, bytes):
             raise TypeError(f"secret must be bytes, not {type(secret).__name__}")
         self.secret = secret
+        self.tls_server = tls_server
+        self.tls_client = tls_client
+        if (self.listen is not None and secret is None and tls_server is None
+                and not allow_insecure and not _is_loopback(self.listen[0])):
+            raise ValueError(
+                f"cage {name!r} would accept calls from anyone on {self.listen[0]}: give it a "
+                f"secret= or tls_server=, listen on 127.0.0.1, or pass allow_insecure=True")
         self.policies = policies_from(queues)
         if durability not in ("always", "interval", "never"):
             raise ValueError(f"durability must be 'always', 'interval' or 'never', "
@@ -107,9 +127,10 @@ class Cage:
         self._failure: BaseException | None = None
         self._own_loop = False
         self._routes: dict[str, tuple[str, bool]] = {}  # target -> (queue, outbound)
-        self._max_arguments = 0  # set when the journal is open
+        self._max_arguments = self._max_wire_arguments = 0  # set when the journal is open
         self._coalescer: Coalescer | None = None
-        self.execute: Proxy[str | None] = Proxy(self._submit)
+        self.transport: Transport | None = None
+        self.execute: Proxy[Any] = Proxy(self._submit)
         self.aexecute: Proxy[Any] = Proxy(self._asubmit)
 
     @classmethod
@@ -132,9 +153,10 @@ class Cage:
         state = "running" if self._loop is not None else "stopped"
         return f"<Cage {self.name!r} {state} data_dir={self.data_dir!r}>"
 
-    def expose(self, name: str, obj: object) -> None:
-        """Make `obj`'s public callables callable by other cages (and this one) as `name.x`."""
-        self.registry.expose(name, obj)
+    def expose(self, name: str, obj: object, to: list[str] | None = None) -> None:
+        """Make `obj`'s public callables callable as `name.x` by this cage and other cages
+        (only the cages named in `to`, when it is given)."""
+        self.registry.expose(name, obj, to)
 
     def policy(self, queue: str) -> QueuePolicy:
         """The policy of `queue`: its own entry in `queues`, else "default", else defaults."""
@@ -150,6 +172,7 @@ class Cage:
         self.dispatcher = Dispatcher(self.store, self.registry, self.policy, self,
                                      workers=self.workers)
         self._max_arguments = self.store.journal.max_payload_bytes - 1024
+        self._max_wire_arguments = min(self._max_arguments, MAX_WIRE_ARGUMENTS)
         self._coalescer = Coalescer(self.store, self._limit, self._notify)
 
     def start(self) -> None:
@@ -184,6 +207,8 @@ class Cage:
             raise failure[0]
 
     async def _serve(self, ready: threading.Event | None = None) -> None:
+        if ready is not None:
+            await self._start_transport()
         self._loop = asyncio.get_running_loop()
         assert self.dispatcher is not None
         self._tasks = [asyncio.create_task(self.dispatcher.run()),
@@ -195,6 +220,27 @@ class Cage:
         # Runs until stop() cancels maintenance: the loop stays alive for stop() even when a
         # task has failed.
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _start_transport(self) -> None:
+        """Listen and connect to the peers (a busy port raises here, from start())."""
+        store = self.store
+        assert store is not None and self.dispatcher is not None
+        if self.listen is None and not self.peers:
+            return
+        registry, name = self.registry, self.name
+        self.transport = Transport(
+            name, store.journal.journal_id, store, listen=self.listen, peers=self.peers,
+            secret=self.secret, tls_server=self.tls_server, tls_client=self.tls_client,
+            refuse=lambda source, module, method: registry.refusal(source, module, method, name),
+            serve=lambda source, module, method, arguments: serve_request(
+                registry, self, source, module, method, arguments),
+            accepted=self.dispatcher.notify)
+        await self.transport.start()
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) this cage listens on, with the real port when ``listen`` gave 0."""
+        return self.transport.address if self.transport is not None else None
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         """Report a failed dispatcher or maintenance task at once, not at stop()."""
@@ -241,6 +287,9 @@ class Cage:
 
     async def _shutdown(self) -> None:
         assert self.dispatcher is not None
+        if self.transport is not None:
+            await self.transport.stop()
+            self.transport = None
         self.dispatcher.stop()
         dispatch_task, *others = self._tasks
         for task in others:
@@ -265,6 +314,11 @@ class Cage:
         """Run the cage on the caller's event loop."""
         self._open()
         self._own_loop = False
+        try:
+            await self._start_transport()
+        except BaseException:
+            self._close_store()
+            raise
         self._serve_task = asyncio.create_task(self._serve())
         await asyncio.sleep(0)
         return self
@@ -292,10 +346,11 @@ class Cage:
             if parent is not None and current_cage() is self:
                 user_id = f"{parent.call_id}:{user_id}"
         arguments = pack_call_arguments(args, kwargs)
-        if len(arguments) > self._max_arguments:
+        limit = self._max_wire_arguments if route[1] else self._max_arguments
+        if len(arguments) > limit:
             raise ValueError(f"the arguments of {spec.module}.{spec.method} take "
-                             f"{len(arguments)} bytes, over this cage's limit of "
-                             f"{self._max_arguments} bytes")
+                             f"{len(arguments)} bytes, over this cage's limit of {limit} bytes"
+                             f"{' for calls to other cages' if route[1] else ''}")
         deadline = time.time() + spec.expires_in if spec.expires_in is not None else None
         # tuple.__new__ builds the NamedTuple without its Python-level __new__ (a third of a µs
         # per call, which transactions of thousands of calls notice).
@@ -304,11 +359,6 @@ class Cage:
 
     def _route(self, spec: MethodRef[Any]) -> tuple[str, bool]:
         """(queue, outbound) of a queued call to ``spec.target``, remembered per target."""
-        if not spec.queued:
-            raise ValueError(
-                f"execute.on({spec.target!r}) is a synchronous call; synchronous calls between "
-                f"cages arrive with the transport. Queue it instead: "
-                f"execute.on({spec.target + '_queue'!r})")
         if spec.target in ("loopback", self.name):
             route = (LOOPBACK_QUEUE, False)
         elif spec.target in self.peers:
@@ -333,12 +383,17 @@ class Cage:
         return policy.max_pending, policy.max_pending_bytes
 
     def _submit(self, spec: MethodRef[Any], args: tuple[Any, ...],
-                kwargs: dict[str, Any]) -> str | None:
+                kwargs: dict[str, Any]) -> Any:
         if self._loop is not None and _running_loop() is self._loop:
             raise RuntimeError(
-                f"cage.execute blocks until the call is on disk, which would stall cage "
-                f"{self.name!r}'s own event loop; use `await cage.aexecute.on(...)` (or "
-                f"`await pmq.aexecute.on(...)` in a handler) there")
+                f"cage.execute blocks until the call is on disk (or, for a synchronous call, "
+                f"answered), which would stall cage {self.name!r}'s own event loop; use "
+                f"`await cage.aexecute.on(...)` (or `await pmq.aexecute.on(...)` in a handler) "
+                f"there")
+        if not spec.queued:
+            loop = self._loop
+            future = asyncio.run_coroutine_threadsafe(self._rpc(spec, args, kwargs), loop)  # type: ignore[arg-type]
+            return future.result()
         store = self._store()
         calls: list[NewCall] = []
         self._new_call(calls, spec, args, kwargs)
@@ -357,11 +412,41 @@ class Cage:
         """
         self._store()
         assert self._coalescer is not None
+        if not spec.queued:
+            coroutine = self._rpc(spec, args, kwargs)
+            if _running_loop() is self._loop:
+                return coroutine
+            return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))  # type: ignore[arg-type]
         calls: list[NewCall] = []
         self._new_call(calls, spec, args, kwargs)
         if spec.wait:
             return self._asubmit_waiting(calls[0])
         return self._coalescer.submit(calls[0])
+
+    async def _rpc(self, spec: MethodRef[Any], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """A synchronous call to a peer: its result, or RemoteError, Timeout, TransportError."""
+        self._store()
+        if spec.target in ("loopback", self.name):
+            raise ValueError(f"execute.on({spec.target!r}) is a synchronous call to this cage "
+                             f"itself: call the function directly, or queue it with "
+                             f"execute.on('loopback_queue')")
+        if spec.target not in self.peers or self.transport is None:
+            known = ", ".join(sorted(self.peers)) or "none"
+            raise ValueError(f"unknown peer {spec.target!r} in execute.on({spec.target!r}): "
+                             f"cage {self.name!r} knows the peers: {known}")
+        arguments = pack_call_arguments(args, kwargs)
+        if len(arguments) > MAX_WIRE_ARGUMENTS:
+            raise ValueError(f"the arguments of {spec.module}.{spec.method} take "
+                             f"{len(arguments)} bytes, over the limit of {MAX_WIRE_ARGUMENTS} "
+                             f"bytes for calls to other cages")
+        result = await self.transport.call(spec.target, spec.module, spec.method, arguments,
+                                           spec.timeout)
+        try:
+            return unpack_arguments(result)[0][0]
+        except (ValueError, IndexError) as exc:
+            raise ProtocolError(f"cage {spec.target!r} answered {spec.module}.{spec.method} "
+                                f"with a malformed result: {exc}") from None
 
     async def _asubmit_waiting(self, call: NewCall) -> str | None:
         assert self._coalescer is not None
@@ -374,6 +459,8 @@ class Cage:
     def _notify(self) -> None:
         if self.dispatcher is not None:
             self.dispatcher.notify()
+        if self.transport is not None:
+            self.transport.notify()
 
     def transaction(self) -> Transaction:
         """Queued calls that are stored together, with one fsync, or not at all."""
@@ -539,7 +626,7 @@ def _handler_cage() -> Cage:
 
 
 def _submit_current(spec: MethodRef[Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> str | None:
+                    kwargs: dict[str, Any]) -> Any:
     return _handler_cage()._submit(spec, args, kwargs)
 
 
@@ -548,5 +635,14 @@ async def _asubmit_current(spec: MethodRef[Any], args: tuple[Any, ...],
     return await _handler_cage()._asubmit(spec, args, kwargs)
 
 
-execute: Proxy[str | None] = Proxy(_submit_current)
+execute: Proxy[Any] = Proxy(_submit_current)
 aexecute: Proxy[Any] = Proxy(_asubmit_current)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

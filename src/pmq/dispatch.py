@@ -31,16 +31,16 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
-from pmq._codec import unpack_arguments
+from pmq._codec import pack_arguments, unpack_arguments
 from pmq._config import QueuePolicy
-from pmq._names import check_identifier
+from pmq._names import check_cage_name, check_identifier
 from pmq.errors import Reject, Retry
 from pmq.store import Store, StoredCall
 
-__all__ = ["CallInfo", "Dispatcher", "Registry", "current_call"]
+__all__ = ["CallInfo", "Dispatcher", "Registry", "current_call", "serve_request"]
 
 log = logging.getLogger("pmq.dispatch")
 
@@ -83,10 +83,12 @@ class Registry:
 
     def __init__(self) -> None:
         self._modules: dict[str, object] = {}
+        self._audience: dict[str, frozenset[str] | None] = {}  # module -> cages that may call it
         self._resolved: dict[tuple[str, str], tuple[Callable[..., Any], bool] | None] = {}
 
-    def expose(self, name: str, obj: object) -> None:
-        """Make `obj`'s public callables callable as `name.<method>`.
+    def expose(self, name: str, obj: object, to: Iterable[str] | None = None) -> None:
+        """Make `obj`'s public callables callable as `name.<method>`, by the cages named in
+        `to` only when it is given (this cage itself may always call them).
 
         Raises:
             ValueError: `name` is not a valid module name or is already exposed.
@@ -94,8 +96,22 @@ class Registry:
         check_identifier("module", name)
         if name in self._modules:
             raise ValueError(f"module {name!r} is already exposed")
+        if isinstance(to, str):
+            raise TypeError(f"to= takes a list of cage names, not the str {to!r}")
         self._modules[name] = obj
+        self._audience[name] = frozenset(check_cage_name(c) for c in to) if to is not None else None
         self._resolved.clear()
+
+    def refusal(self, source: str, module: str, method: str, cage: str) -> str | None:
+        """Why cage `source` may not call `module.method` on cage `cage`, or None if it may."""
+        if self.resolve(module, method) is None:
+            exposed = ", ".join(self.names()) or "none"
+            return (f"{module}.{method} is not exposed by cage {cage} (exposed modules: "
+                    f"{exposed})")
+        audience = self._audience.get(module)
+        if audience is not None and source not in audience and source != cage:
+            return f"cage {cage} does not expose {module} to cage {source}"
+        return None
 
     def resolve(self, module: str, method: str) -> tuple[Callable[..., Any], bool] | None:
         """(handler, is it ``async def``) for `module.method`, or None when it is not exposed."""
@@ -463,6 +479,42 @@ class Dispatcher:
         self.store.bury(call, reason, detail)
         log.warning("call %s (%s.%s) moved to the dead letters: %s", call.call_id, call.module,
                     call.method, reason)
+
+
+MAX_ERROR_CHARS = 60_000  # of a remote error's message and traceback (the wire's limit is 64 Ki)
+
+
+async def serve_request(registry: Registry, cage: Any, source: str, module: str, method: str,
+                        arguments: bytes
+                        ) -> tuple[bool, bytes | None, tuple[str, str, str] | None]:
+    """Run a synchronous call from cage `source`: (ok, packed result, (type, message,
+    traceback)). Whatever the handler raises becomes the error triple, never an exception here.
+    """
+    refusal = registry.refusal(source, module, method, getattr(cage, "name", "?"))
+    if refusal is not None:
+        return False, None, ("pmq.NotExposed", refusal, "")
+    resolved = registry.resolve(module, method)
+    assert resolved is not None
+    handler, is_async = resolved
+    info = CallInfo(f"{source}:rpc", None, 1, time.time(), time.time(), None, source, "")
+    context = contextvars.copy_context()
+    context.run(_current.set, info)
+    context.run(_current_cage.set, cage)
+    try:
+        args, kwargs = unpack_arguments(arguments)
+        if is_async:
+            result = await asyncio.get_running_loop().create_task(
+                handler(*args, **kwargs), context=context)
+        else:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: context.run(handler, *args, **kwargs))
+        return True, pack_arguments([result], {}), None
+    except Exception as exc:  # the outcome of the handler, sent back as RemoteError
+        kind = type(exc)
+        name = kind.__qualname__ if kind.__module__ == "builtins" else \
+            f"{kind.__module__}.{kind.__qualname__}"
+        text = "".join(traceback.format_exception(exc))
+        return False, None, (name, str(exc)[:MAX_ERROR_CHARS], text[-MAX_ERROR_CHARS:])
 
 
 def _consume(future: asyncio.Future[None]) -> None:

@@ -36,6 +36,7 @@ import msgpack
 
 from pmq._checkpoint import read_checkpoint, write_checkpoint
 from pmq._journal import Journal
+from pmq._links import K_LINK, Links
 from pmq.errors import JournalCorruption, QueueFull
 
 __all__ = ["CallIds", "CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
@@ -44,6 +45,7 @@ log = logging.getLogger("pmq.store")
 
 # Record kinds: the first element of every msgpack array the store appends.
 # [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
+# and, for a call accepted from another cage, a 12th item: its id on the source cage
 K_CALL = 1
 K_ATTEMPT = 2  # [2, [key, attempt, key, attempt, ...]]  attempts started
 K_FAIL = 3  # [3, [key, attempt, ...]]  attempts that ended without success
@@ -59,6 +61,7 @@ _ARGUMENTS = operator.attrgetter("arguments")
 _CALL_HEAD = b"\x9b\x01"  # msgpack: an array of 11 items, the first K_CALL
 _NIL = b"\xc0"  # msgpack: None (the user id of a call without one)
 
+TRANSMITTED = 2  # the "done" flag of a user id whose call was sent to (and accepted by) a peer
 RECENT_DONE = 100_000  # completed keys remembered for call_status (memory only)
 DETAIL_MAX_CHARS = 16_384
 RELOCATE_MAX = 10_000  # a head segment pinned by at most this many calls gets them copied forward
@@ -214,7 +217,8 @@ class Store:
         # (source, user id) -> [key, expiry, completed]; and the not-yet-completed ones by key
         self._ids: dict[tuple[str, str], list[Any]] = {}
         self._user_calls: dict[int, tuple[str, str]] = {}
-        self._recent: OrderedDict[int, None] = OrderedDict()
+        self._recent: OrderedDict[int, bool] = OrderedDict()  # completed key -> was outbound
+        self._links = Links()  # acceptance state per source journal (exactly-once)
         self._cache: dict[int, bytes] = {}
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
@@ -223,7 +227,8 @@ class Store:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self.counters = dict.fromkeys(("enqueued", "duplicates", "attempts", "completed",
-                                       "failed", "dead", "revived", "purged", "relocated"), 0)
+                                       "failed", "dead", "revived", "purged", "relocated",
+                                       "accepted", "refused"), 0)
         try:
             self._recover()
         except BaseException:
@@ -398,10 +403,8 @@ class Store:
             calls = []
             for key in keys:
                 fields = msgpack.unpackb(records[key], raw=False, use_list=True)
-                user_id = fields[4]
-                call_id = user_id if user_id is not None else self._id_prefix + str(key)
-                call = StoredCall(key, call_id, fields, self._attempts.get(key, 0),
-                                  self._crashes.get(key, 0))
+                call = StoredCall(key, self._id_of(fields, key), fields,
+                                  self._attempts.get(key, 0), self._crashes.get(key, 0))
                 self._taken[key] = call
                 calls.append(call)
             return calls
@@ -456,7 +459,7 @@ class Store:
                 freed: dict[str, int] = {}
                 for call in done:
                     self._forget(call)
-                    self._completed(call.key)
+                    self._completed(call.key, call.outbound)
                     if call.outbound:
                         freed[call.queue] = freed.get(call.queue, 0) + len(call.arguments)
                 while len(self._recent) > RECENT_DONE:
@@ -501,13 +504,13 @@ class Store:
             return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now,
                                  size])
 
-    def _completed(self, key: int) -> None:
-        self._recent[key] = None
+    def _completed(self, key: int, outbound: bool = False) -> None:
+        self._recent[key] = outbound
         ident = self._user_calls.pop(key, None)
         if ident is not None:
             entry = self._ids.get(ident)
             if entry is not None and entry[0] == key:
-                entry[2] = True
+                entry[2] = TRANSMITTED if outbound else True
 
     def _forget(self, call: StoredCall) -> None:
         self._taken.pop(call.key, None)
@@ -527,6 +530,113 @@ class Store:
         self._since_checkpoint += len(payload)
         return self.journal.append(payload)
 
+    # ---- between cages ---------------------------------------------------------------------
+
+    def link_state(self, source: str, journal_id: bytes) -> tuple[int, list[tuple[int, str]]]:
+        """(high, unconfirmed refusals) of the link from `source`'s journal: what to ack."""
+        with self._lock:
+            return (self._links.high(source, journal_id),
+                    self._links.refusals(source, journal_id))
+
+    def accept(self, source: str, journal_id: bytes, calls: Iterable[Any], settled: int,
+               refuse: Callable[[str, str], str | None]
+               ) -> tuple[int, int, list[tuple[int, str]]]:
+        """Store the calls a peer sent (exactly once) with the link's new state, in one frame.
+
+        Args:
+            source, journal_id: the sending cage and its journal (the link).
+            calls: ``protocol.WireCall``s in key order; those at or below the link's high-water
+                mark were accepted before (a redelivery) and are skipped.
+            settled: the sender has recorded every acknowledgement up to this key, so refusals
+                up to it need not be kept.
+            refuse: ``refuse(module, method)`` is a reason to refuse the call, or None.
+
+        Returns:
+            (seq to wait for before acknowledging, or 0; the new high-water mark; the refusals
+            the sender has not yet confirmed, for the acknowledgement).
+        """
+        now = time.time()
+        prefix = f"{source}:{journal_id.hex()[:8]}:"
+        queue_name = f"{source}_queue"
+        with self._lock:
+            high = start = self._links.high(source, journal_id)
+            refused: list[tuple[int, str]] = []
+            fresh: list[tuple[list[Any], str | None]] = []
+            claimed: set[str] = set()
+            for key, module, method, arguments, user_id, deadline, created in calls:
+                if key <= high:
+                    continue  # delivered again after a reconnect: accepted already
+                high = key
+                reason = refuse(module, method)
+                if reason is not None:
+                    refused.append((key, reason))
+                    continue
+                if user_id is not None:
+                    known = self._ids.get((source, user_id))
+                    if (known is not None and known[1] > now) or user_id in claimed:
+                        self.counters["duplicates"] += 1
+                        continue
+                    claimed.add(user_id)
+                fresh.append(([K_CALL, 0, queue_name, False, user_id, module, method, arguments,
+                               deadline, created, source, prefix + str(key)], user_id))
+            if high == start and not self._links.prunable(source, journal_id, settled):
+                return 0, high, self._links.refusals(source, journal_id)
+            seq = self.journal.next_seq
+            pack = self._packer.pack
+            records = []
+            for key, (fields, _) in enumerate(fresh, seq):
+                fields[1] = key
+                records.append(pack(fields))
+            records.append(pack(self._links.record(source, journal_id, high, refused, settled)))
+            last = self.journal.append_many(records)
+            queue = self._queue(queue_name, False)
+            for key, (_, user_id) in enumerate(fresh, seq):
+                queue.pending.append(key)
+                if user_id is not None:
+                    self._ids[(source, user_id)] = [key, now + self.retention, False]
+                    self._user_calls[key] = (source, user_id)
+                if self._cache_bytes + len(records[key - seq]) <= self._cache_limit:
+                    self._cache[key] = records[key - seq]
+                    self._cache_bytes += len(records[key - seq])
+            self._since_checkpoint += sum(map(len, records))
+            self.counters["accepted"] += len(fresh)
+            self.counters["refused"] += len(refused)
+            return last, high, self._links.refusals(source, journal_id)
+
+    def settle_outbound(self, queue_name: str, high: int,
+                        refused: dict[int, str]) -> int:
+        """A peer acknowledged every call of `queue_name` up to key `high`: record them as
+        transmitted, or as dead letters where the peer refused them; return the seq to wait
+        for (0 when nothing changed).
+
+        Calls not handed out (``take``) count too: a sender that crashed after the peer
+        accepted its calls learns it from the peer's first acknowledgement after restarting.
+        """
+        with self._lock:
+            calls = [c for c in self._taken.values()
+                     if c.outbound and c.queue == queue_name and c.key <= high]
+            queue = self._queues.get((queue_name, True))
+            if queue is not None and queue.pending:
+                if not queue.sorted:
+                    queue.pending = deque(sorted(queue.pending))
+                    queue.sorted = True
+                keys = []
+                while queue.pending and queue.pending[0] <= high:
+                    keys.append(queue.pending.popleft())
+                if keys:
+                    records = self._payloads(keys)
+                    for key in keys:
+                        fields = msgpack.unpackb(records[key], raw=False, use_list=True)
+                        call = StoredCall(key, self._id_of(fields, key), fields, 0, 0)
+                        self._taken[key] = call
+                        calls.append(call)
+        done = [c for c in calls if c.key not in refused]
+        seq = self.finish(done, []) if done else 0
+        for call in calls:
+            if call.key in refused:
+                seq = self.bury(call, "refused", refused[call.key])
+        return seq
+
     # ---- dead letters and status ---------------------------------------------------------
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -537,9 +647,8 @@ class Store:
         letters = []
         for key, (queue, _outbound, reason, detail, at, attempts, _size) in items:
             fields = msgpack.unpackb(records[key], raw=False)
-            call_id = fields[4] if fields[4] is not None else self._id_prefix + str(key)
-            letters.append(DeadLetter(call_id, queue, fields[5], fields[6], reason, detail, at,
-                                      attempts, fields[10]))
+            letters.append(DeadLetter(self._id_of(fields, key), queue, fields[5], fields[6],
+                                      reason, detail, at, attempts, fields[10]))
         return letters
 
     def revive(self, call_id: str, source: str | None = None) -> None:
@@ -549,16 +658,43 @@ class Store:
             KeyError: `call_id` is not a dead letter.
             ValueError: the id was given by several source cages; say which with `source`.
         """
+        copied = 0
         with self._lock:
             key = self._dead_key(call_id, source)
-            name, outbound, *_, size = self._dead.pop(key)
+            name, outbound, *_, size = self._dead[key]
+            if outbound:
+                # The peer has seen every key up to its link's high-water mark, so a call sent
+                # again must get a key above it: a copy under a new key, and the old one purged.
+                # Its id stays what the caller was given: the copy carries it (a 12th item) and
+                # the id window maps it to the new key.
+                fields = msgpack.unpackb(self._payloads([key])[key], raw=False)
+                old_id = self._id_of(fields, key)
+                new_key = fields[1] = self.journal.next_seq
+                if fields[4] is None:
+                    del fields[11:]
+                    fields.append(old_id)
+                copied = self.journal.append_many([self._packer.pack(fields),
+                                                   self._packer.pack([K_PURGE, key])])
+                del self._dead[key]
+                self._moved.pop(key, None)
+                self._user_calls.pop(key, None)
+                ident = (self.cage_name, fields[4] if fields[4] is not None else old_id)
+                entry = self._ids.get(ident)
+                expiry = entry[1] if entry is not None else time.time() + self.retention
+                self._ids[ident] = [new_key, expiry, False]
+                self._user_calls[new_key] = ident
+                key = new_key
+            else:
+                del self._dead[key]
+                self._append([K_REVIVE, key])
             queue = self._queue(name, outbound)
             queue.pending.append(key)
             if outbound:
                 queue.bytes += size
             queue.sorted = False
             self.counters["revived"] += 1
-            self._append([K_REVIVE, key])
+        if copied:
+            self.journal.sync(copied)  # the copy can be sent once it is durable (take)
 
     def purge(self, call_id: str, source: str | None = None) -> None:
         """Delete a dead letter for good.
@@ -592,6 +728,8 @@ class Store:
                 if key in queue.pending:
                     return CallStatus("stored" if queue.outbound else "accepted", None, attempts)
             ident = self._ids.get((source or self.cage_name, call_id))
+            if self._recent.get(key) or (ident is not None and ident[2] == TRANSMITTED):
+                return CallStatus("transmitted", None, attempts)
             if key in self._recent or (ident is not None and ident[2]):
                 return CallStatus("executed", None, attempts)
             return CallStatus("unknown")
@@ -609,6 +747,15 @@ class Store:
         if key is None or key not in self._dead:
             raise KeyError(f"{call_id!r} is not a dead letter")
         return int(key)
+
+    def _id_of(self, fields: list[Any], key: int) -> str:
+        """The id of the call in a CALL record: its user id, its id on the cage that made it,
+        or this cage's automatic id."""
+        if fields[4] is not None:
+            return str(fields[4])
+        if len(fields) > 11:
+            return str(fields[11])
+        return self._id_prefix + str(key)
 
     def _key_of(self, call_id: str, source: str | None = None) -> int | None:
         entry = self._ids.get((source or self.cage_name, call_id))
@@ -671,6 +818,7 @@ class Store:
             self._dead = {int(k): v for k, v in state["dead"].items()}
             self._ids = {(s, u): [k, e, done] for s, u, k, e, done in state["ids"]}
             self._user_calls = {k: ident for ident, (k, _, done) in self._ids.items() if not done}
+            self._links.restore(state.get("links", []))
         for seq, payload in journal.replay(start):
             self._apply(seq, msgpack.unpackb(payload, raw=False), live)
         for key in self._open:
@@ -699,9 +847,16 @@ class Store:
                 live[key] = (record[2], record[3])
                 if record[3]:
                     self._queue(record[2], True).bytes += len(record[7])
+                ident = None
                 if record[4] is not None:
-                    self._ids[(record[10], record[4])] = [key, record[9] + self.retention, False]
-                    self._user_calls[key] = (record[10], record[4])
+                    ident = (record[10], record[4])
+                elif record[3] and len(record) > 11:  # a replayed outbound call keeps its id
+                    ident = (record[10], record[11])
+                if ident is not None:
+                    entry = self._ids.get(ident)
+                    expiry = entry[1] if entry is not None else record[9] + self.retention
+                    self._ids[ident] = [key, expiry, False]
+                    self._user_calls[key] = ident
             elif key in live or key in self._dead:
                 self._moved[key] = seq  # a relocated copy of a call still pending
         elif kind == K_ATTEMPT:
@@ -718,10 +873,10 @@ class Store:
                 self._attempts[key] = attempt
         elif kind == K_DONE:
             for key in record[1]:
-                live.pop(key, None)
+                where = live.pop(key, None)
                 self._drop_counters(key)
                 self._moved.pop(key, None)
-                self._completed(key)
+                self._completed(key, where is not None and where[1])
             freed = record[2]
             for name, size in zip(freed[::2], freed[1::2], strict=True):
                 self._queue(name, True).bytes -= size
@@ -743,6 +898,8 @@ class Store:
             self._dead.pop(record[1], None)
             self._moved.pop(record[1], None)
             self._user_calls.pop(record[1], None)
+        elif kind == K_LINK:
+            self._links.apply(record)
 
     def maintain(self, force: bool = False) -> bool:
         """Checkpoint, release what the journal no longer needs and relocate stragglers, if due.
@@ -793,6 +950,7 @@ class Store:
             "moved": _flat(self._moved),
             "dead": self._dead,
             "ids": [[s, u, k, e, done] for (s, u), (k, e, done) in self._ids.items() if e > now],
+            "links": self._links.snapshot(),
         }
 
     def _floor(self, covered: int) -> int:
