@@ -33,7 +33,7 @@ def test_defaults_are_the_documented_ones() -> None:
     """A policy made without arguments has the documented defaults."""
     policy = QueuePolicy()
     assert dataclasses.asdict(policy) == {
-        "concurrency": 64,
+        "concurrency": 512,
         "ordered": False,
         "retry_initial": 1.0,
         "retry_max": 300.0,

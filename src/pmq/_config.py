@@ -88,7 +88,7 @@ class QueuePolicy:
         max_pending_bytes: the same limit in bytes of stored calls.
     """
 
-    concurrency: int = 64
+    concurrency: int = 512
     ordered: bool = False
     retry_initial: float = 1.0
     retry_max: float = 300.0

@@ -62,15 +62,18 @@ class CallInfo(NamedTuple):
     queue: str
 
 
-_current: contextvars.ContextVar[CallInfo | None] = contextvars.ContextVar(
-    "pmq_current_call", default=None)
+# A handler's call: its _Run (the CallInfo is built only if the handler asks), or a CallInfo.
+_current: contextvars.ContextVar[Any] = contextvars.ContextVar("pmq_current_call", default=None)
 _current_cage: contextvars.ContextVar[Any] = contextvars.ContextVar("pmq_current_cage",
                                                                     default=None)
 
 
 def current_call() -> CallInfo | None:
     """The call this handler is running, or None outside a handler."""
-    return _current.get()
+    current = _current.get()
+    if current is None or type(current) is CallInfo:
+        return current
+    return current.info  # type: ignore[no-any-return]
 
 
 def current_cage() -> Any:
@@ -136,17 +139,29 @@ class Registry:
 class _Run:
     """One attempt of one call, from its start to its outcome."""
 
-    __slots__ = ("call", "error", "handler", "info", "is_async", "outcome", "retry_after")
+    __slots__ = ("_info", "call", "error", "first", "handler", "is_async", "outcome",
+                 "retry_after")
 
     def __init__(self, call: StoredCall, handler: Callable[..., Any], is_async: bool,
-                 info: CallInfo) -> None:
+                 first: float) -> None:
         self.call = call
         self.handler = handler
         self.is_async = is_async
-        self.info = info
+        self.first = first  # when the call's first attempt started
+        self._info: CallInfo | None = None
         self.outcome = ""  # "done", "failed", "retry" or "reject"
         self.error = ""
         self.retry_after: float | None = None
+
+    @property
+    def info(self) -> CallInfo:
+        """``current_call()`` for this attempt, made when first asked for (most handlers never
+        ask, and a few hundred nanoseconds per call show at 100,000 calls a second)."""
+        if self._info is None:
+            call = self.call
+            self._info = CallInfo(call.call_id, call.user_id, call.attempt, call.created,
+                                  self.first, call.deadline, call.source, call.queue)
+        return self._info
 
 
 class _QueueState:
@@ -373,13 +388,11 @@ class Dispatcher:
             self.counters["not_exposed"] += 1
             return
         first = self._first_attempt.setdefault(call.key, time.time())
-        info = CallInfo(call.call_id, call.user_id, call.attempt + 1, call.created, first,
-                        call.deadline, call.source, call.queue)
         state.running += 1
-        runs.append(_Run(call, resolved[0], resolved[1], info))
+        runs.append(_Run(call, resolved[0], resolved[1], first))
 
     def _enter(self, run: _Run) -> None:
-        _current.set(run.info)
+        _current.set(run)
         _current_cage.set(self._cage)
 
     def _work(self) -> None:
@@ -395,7 +408,7 @@ class Dispatcher:
                     if self._workers_stop and not jobs:
                         return
                 continue
-            token = _current.set(run.info)
+            token = _current.set(run)
             cage_token = _current_cage.set(self._cage)
             started = time.perf_counter()
             try:

@@ -63,6 +63,7 @@ _NIL = b"\xc0"  # msgpack: None (the user id of a call without one)
 
 TRANSMITTED = 2  # the "done" flag of a user id whose call was sent to (and accepted by) a peer
 RECENT_DONE = 100_000  # completed keys remembered for call_status (memory only)
+CACHE_OVERHEAD_BYTES = 160  # what a cached record takes beyond its arguments (list, floats, ints)
 DETAIL_MAX_CHARS = 16_384
 RELOCATE_MAX = 10_000  # a head segment pinned by at most this many calls gets them copied forward
 
@@ -165,7 +166,7 @@ class DeadLetter(NamedTuple):
 
 
 class _Queue:
-    __slots__ = ("bytes", "name", "outbound", "pending", "sorted")
+    __slots__ = ("bytes", "name", "outbound", "pending", "sorted", "taken")
 
     def __init__(self, name: str, outbound: bool) -> None:
         self.name = name
@@ -173,6 +174,7 @@ class _Queue:
         self.pending: deque[int] = deque()  # keys not handed out; in key order while `sorted`
         self.bytes = 0  # argument bytes of pending outbound calls (max_pending_bytes)
         self.sorted = True
+        self.taken = 0  # calls handed out by take and not yet back, finished or buried
 
 
 class Store:
@@ -219,7 +221,9 @@ class Store:
         self._user_calls: dict[int, tuple[str, str]] = {}
         self._recent: OrderedDict[int, bool] = OrderedDict()  # completed key -> was outbound
         self._links = Links()  # acceptance state per source journal (exactly-once)
-        self._cache: dict[int, bytes] = {}
+        # key -> the decoded CALL record (a list, as msgpack gives it back): taking a recent call
+        # needs no decoding, which was the largest cost of sending and running calls.
+        self._cache: dict[int, list[Any]] = {}
         self._cache_bytes = 0
         self._cache_limit = cache_bytes
         self._checkpoint_bytes = checkpoint_bytes
@@ -343,9 +347,12 @@ class Store:
         size = sum(map(len, records))
         # The cache is best effort: a batch that does not fit whole is read back from the
         # journal when it runs (a backlog has filled the cache, and its calls wait anyway).
-        if self._cache_bytes + size <= self._cache_limit:
-            self._cache.update(zip(range(seq, end), records, strict=True))
-            self._cache_bytes += size
+        cached = sum(map(len, map(_ARGUMENTS, fresh))) + CACHE_OVERHEAD_BYTES * len(records)
+        if self._cache_bytes + cached <= self._cache_limit:
+            self._cache.update(zip(range(seq, end), [
+                [K_CALL, key, q, out, uid, m, f, a, d, now, src]
+                for key, (q, out, m, f, a, uid, d, src) in enumerate(fresh, seq)], strict=True))
+            self._cache_bytes += cached
         self._since_checkpoint += size
         self.counters["enqueued"] += len(records)
 
@@ -368,7 +375,7 @@ class Store:
     def _count(self, qkey: tuple[str, bool]) -> int:
         queue = self._queues.get(qkey)
         waiting = len(queue.pending) if queue else 0
-        return waiting + sum(1 for c in self._taken.values() if (c.queue, c.outbound) == qkey)
+        return waiting + (queue.taken if queue else 0)
 
     def _queue(self, name: str, outbound: bool) -> _Queue:
         queue = self._queues.get((name, outbound))
@@ -402,30 +409,33 @@ class Store:
             records = self._payloads(keys)
             calls = []
             for key in keys:
-                fields = msgpack.unpackb(records[key], raw=False, use_list=True)
+                fields = records[key]
                 call = StoredCall(key, self._id_of(fields, key), fields,
                                   self._attempts.get(key, 0), self._crashes.get(key, 0))
                 self._taken[key] = call
                 calls.append(call)
+            queue.taken += len(calls)
             return calls
 
-    def _payloads(self, keys: list[int]) -> dict[int, bytes]:
-        """The CALL records of `keys`: from the cache, else read back from the journal."""
-        found: dict[int, bytes] = {}
+    def _payloads(self, keys: list[int]) -> dict[int, list[Any]]:
+        """The decoded CALL records of `keys`: from the cache (which lets them go), else read
+        back from the journal."""
+        found: dict[int, list[Any]] = {}
         missing: dict[int, int] = {}  # seq -> key
+        cache = self._cache
         for key in keys:
-            record = self._cache.pop(key, None)
+            record = cache.pop(key, None)
             if record is None:
                 missing[self._moved.get(key, key)] = key
             else:
-                self._cache_bytes -= len(record)
+                self._cache_bytes -= len(record[7]) + CACHE_OVERHEAD_BYTES
                 found[key] = record
         if missing:
             seqs = sorted(missing)
             for run in _runs(seqs, gap=4096):
                 for seq, payload in self.journal.replay(run[0], run[-1] + 1):
                     if seq in missing:
-                        found[missing[seq]] = payload
+                        found[missing[seq]] = msgpack.unpackb(payload, raw=False, use_list=True)
             lost = [missing[s] for s in seqs if missing[s] not in found]
             if lost:
                 raise JournalCorruption(
@@ -485,6 +495,7 @@ class Store:
                 if self._taken.pop(call.key, None) is None:
                     continue
                 queue = self._queue(call.queue, call.outbound)
+                queue.taken -= 1
                 queue.pending.appendleft(call.key)
                 queue.sorted = False
 
@@ -494,7 +505,7 @@ class Store:
         now = time.time()
         with self._lock:
             attempts = self._attempts.get(call.key, call.attempt)
-            self._taken.pop(call.key, None)
+            self._untake(call)
             self._drop_counters(call.key)
             size = len(call.arguments)
             if call.outbound:
@@ -512,8 +523,12 @@ class Store:
             if entry is not None and entry[0] == key:
                 entry[2] = TRANSMITTED if outbound else True
 
+    def _untake(self, call: StoredCall) -> None:
+        if self._taken.pop(call.key, None) is not None:
+            self._queues[(call.queue, call.outbound)].taken -= 1
+
     def _forget(self, call: StoredCall) -> None:
-        self._taken.pop(call.key, None)
+        self._untake(call)
         self._drop_counters(call.key)
         self._moved.pop(call.key, None)
 
@@ -523,7 +538,7 @@ class Store:
         self._open.pop(key, None)
         record = self._cache.pop(key, None)
         if record is not None:
-            self._cache_bytes -= len(record)
+            self._cache_bytes -= len(record[7]) + CACHE_OVERHEAD_BYTES
 
     def _append(self, record: list[Any]) -> int:
         payload = self._packer.pack(record)
@@ -563,11 +578,15 @@ class Store:
             refused: list[tuple[int, str]] = []
             fresh: list[tuple[list[Any], str | None]] = []
             claimed: set[str] = set()
+            verdicts: dict[tuple[str, str], str | None] = {}
             for key, module, method, arguments, user_id, deadline, created in calls:
                 if key <= high:
                     continue  # delivered again after a reconnect: accepted already
                 high = key
-                reason = refuse(module, method)
+                try:
+                    reason = verdicts[(module, method)]
+                except KeyError:
+                    reason = verdicts[(module, method)] = refuse(module, method)
                 if reason is not None:
                     refused.append((key, reason))
                     continue
@@ -595,26 +614,28 @@ class Store:
                 if user_id is not None:
                     self._ids[(source, user_id)] = [key, now + self.retention, False]
                     self._user_calls[key] = (source, user_id)
-                if self._cache_bytes + len(records[key - seq]) <= self._cache_limit:
-                    self._cache[key] = records[key - seq]
-                    self._cache_bytes += len(records[key - seq])
+                fields = fresh[key - seq][0]
+                if self._cache_bytes + len(fields[7]) + CACHE_OVERHEAD_BYTES <= self._cache_limit:
+                    self._cache[key] = fields
+                    self._cache_bytes += len(fields[7]) + CACHE_OVERHEAD_BYTES
             self._since_checkpoint += sum(map(len, records))
             self.counters["accepted"] += len(fresh)
             self.counters["refused"] += len(refused)
             return last, high, self._links.refusals(source, journal_id)
 
-    def settle_outbound(self, queue_name: str, high: int,
-                        refused: dict[int, str]) -> int:
+    def settle_outbound(self, queue_name: str, high: int, refused: dict[int, str],
+                        sent: Iterable[StoredCall] = ()) -> int:
         """A peer acknowledged every call of `queue_name` up to key `high`: record them as
         transmitted, or as dead letters where the peer refused them; return the seq to wait
         for (0 when nothing changed).
 
-        Calls not handed out (``take``) count too: a sender that crashed after the peer
+        `sent` are the calls the link sent and has not settled yet (others with keys up to
+        `high` were settled before). Calls not handed out (``take``) count too: a sender that
+        crashed after the peer
         accepted its calls learns it from the peer's first acknowledgement after restarting.
         """
         with self._lock:
-            calls = [c for c in self._taken.values()
-                     if c.outbound and c.queue == queue_name and c.key <= high]
+            calls = [c for c in sent if c.key <= high and self._taken.get(c.key) is c]
             queue = self._queues.get((queue_name, True))
             if queue is not None and queue.pending:
                 if not queue.sorted:
@@ -626,10 +647,11 @@ class Store:
                 if keys:
                     records = self._payloads(keys)
                     for key in keys:
-                        fields = msgpack.unpackb(records[key], raw=False, use_list=True)
+                        fields = records[key]
                         call = StoredCall(key, self._id_of(fields, key), fields, 0, 0)
                         self._taken[key] = call
                         calls.append(call)
+                    queue.taken += len(keys)
         done = [c for c in calls if c.key not in refused]
         seq = self.finish(done, []) if done else 0
         for call in calls:
@@ -646,7 +668,7 @@ class Store:
             records = self._payloads([key for key, _ in items])  # dead letters are never cached
         letters = []
         for key, (queue, _outbound, reason, detail, at, attempts, _size) in items:
-            fields = msgpack.unpackb(records[key], raw=False)
+            fields = records[key]
             letters.append(DeadLetter(self._id_of(fields, key), queue, fields[5], fields[6],
                                       reason, detail, at, attempts, fields[10]))
         return letters
@@ -667,7 +689,7 @@ class Store:
                 # again must get a key above it: a copy under a new key, and the old one purged.
                 # Its id stays what the caller was given: the copy carries it (a 12th item) and
                 # the id window maps it to the new key.
-                fields = msgpack.unpackb(self._payloads([key])[key], raw=False)
+                fields = self._payloads([key])[key]
                 old_id = self._id_of(fields, key)
                 new_key = fields[1] = self.journal.next_seq
                 if fields[4] is None:

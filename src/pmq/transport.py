@@ -395,9 +395,14 @@ class _Link:
 
     def _settle(self, ack: protocol.Ack) -> None:
         refused = dict(ack.refused)
-        seq = self.transport.store.settle_outbound(self.queue, ack.high, refused)
-        for key in [k for k in self._in_flight if k <= ack.high]:
-            del self._in_flight[key]
+        in_flight = self._in_flight
+        settled: list[StoredCall] = []
+        while in_flight:  # in key order: calls are sent, and so inserted, in key order
+            key = next(iter(in_flight))
+            if key > ack.high:
+                break
+            settled.append(in_flight.pop(key))
+        seq = self.transport.store.settle_outbound(self.queue, ack.high, refused, settled)
         transmitted = self.transport.counters
         transmitted["refused"] += len(refused)
         for key, reason in ack.refused:
@@ -408,11 +413,11 @@ class _Link:
             return
         durable = self.transport.store.journal.sync_async(seq)
 
-        def settled(future: asyncio.Future[None]) -> None:
+        def mark(future: asyncio.Future[None]) -> None:
             if not future.cancelled() and future.exception() is None:
                 self._settled = max(self._settled, ack.high)
 
-        durable.add_done_callback(settled)
+        durable.add_done_callback(mark)
 
     def _disconnected(self) -> None:
         self.up.clear()
