@@ -25,6 +25,7 @@ import logging
 import random
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -264,7 +265,7 @@ class _Link:
         self._writer: asyncio.StreamWriter | None = None
         self._rpc_ids = itertools.count(1)
         self._rpcs: dict[int, asyncio.Future[protocol.Response]] = {}
-        self._in_flight: dict[int, StoredCall] = {}
+        self._in_flight: deque[StoredCall] = deque()  # sent, not acknowledged; in key order
         self._settled = 0
         self._was_up = False
         self._random = random.Random()
@@ -363,8 +364,7 @@ class _Link:
                     self.wake.clear()
                     await self.wake.wait()  # an acknowledgement will make room
                     continue
-                for call in fit:
-                    self._in_flight[call.key] = call
+                self._in_flight.extend(fit)
                 writer.write(conn.send(protocol.Batch(self._settled, [
                     protocol.WireCall(c.key, c.module, c.method, c.arguments, c.user_id,
                                       c.deadline, c.created) for c in fit])))
@@ -397,11 +397,8 @@ class _Link:
         refused = dict(ack.refused)
         in_flight = self._in_flight
         settled: list[StoredCall] = []
-        while in_flight:  # in key order: calls are sent, and so inserted, in key order
-            key = next(iter(in_flight))
-            if key > ack.high:
-                break
-            settled.append(in_flight.pop(key))
+        while in_flight and in_flight[0].key <= ack.high:
+            settled.append(in_flight.popleft())
         seq = self.transport.store.settle_outbound(self.queue, ack.high, refused, settled)
         transmitted = self.transport.counters
         transmitted["refused"] += len(refused)
@@ -426,7 +423,7 @@ class _Link:
             self._writer.close()
             self._writer = None
         if self._in_flight:
-            self.transport.store.give_back(self._in_flight.values())
+            self.transport.store.give_back(self._in_flight)
             self._in_flight.clear()
         for future in self._rpcs.values():
             if not future.done():
