@@ -57,6 +57,8 @@ K_PURGE = 7  # [7, key]  a dead letter is deleted
 _USER_ID = operator.attrgetter("user_id")
 _ROUTE = operator.attrgetter("queue", "outbound")
 _ARGUMENTS = operator.attrgetter("arguments")
+_WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
+_FIELD_ARGUMENTS = operator.itemgetter(7)  # of a CALL record
 
 _CALL_HEAD = b"\x9b\x01"  # msgpack: an array of 11 items, the first K_CALL
 _NIL = b"\xc0"  # msgpack: None (the user id of a call without one)
@@ -577,55 +579,72 @@ class Store:
         now = time.time()
         prefix = f"{source}:{journal_id.hex()[:8]}:"
         queue_name = f"{source}_queue"
+        calls = calls if isinstance(calls, list) else list(calls)
         with self._lock:
             high = start = self._links.high(source, journal_id)
             refused: list[tuple[int, str]] = []
-            fresh: list[tuple[list[Any], str | None]] = []
-            claimed: set[str] = set()
             verdicts: dict[tuple[str, str], str | None] = {}
-            for key, module, method, arguments, user_id, deadline, created in calls:
-                if key <= high:
-                    continue  # delivered again after a reconnect: accepted already
-                high = key
-                try:
-                    reason = verdicts[(module, method)]
-                except KeyError:
-                    reason = verdicts[(module, method)] = refuse(module, method)
-                if reason is not None:
-                    refused.append((key, reason))
-                    continue
-                if user_id is not None:
-                    known = self._ids.get((source, user_id))
-                    if (known is not None and known[1] > now) or user_id in claimed:
-                        self.counters["duplicates"] += 1
-                        continue
-                    claimed.add(user_id)
-                fresh.append(([K_CALL, 0, queue_name, False, user_id, module, method, arguments,
-                               deadline, created, source, prefix + str(key)], user_id))
+            for call in calls:
+                if (call[1], call[2]) not in verdicts:
+                    verdicts[(call[1], call[2])] = refuse(call[1], call[2])
+            if (calls and calls[0][0] > high and not any(verdicts.values())
+                    and not any(map(_WIRE_USER_ID, calls))):
+                fresh = calls  # the common case: all new, all allowed, no user ids
+                high = calls[-1][0]
+            else:
+                fresh = self._accept_one_by_one(source, calls, high, verdicts, refused, now)
+                high = max(high, calls[-1][0]) if calls else high
             if high == start and not self._links.prunable(source, journal_id, settled):
                 return 0, high, self._links.refusals(source, journal_id)
             seq = self.journal.next_seq
             pack = self._packer.pack
-            records = []
-            for key, (fields, _) in enumerate(fresh, seq):
-                fields[1] = key
-                records.append(pack(fields))
+            # One tuple per call is both the record to pack and the cached decoded record.
+            fields = [(K_CALL, key, queue_name, False, user_id, module, method, arguments,
+                       deadline, created, source, prefix + str(wire_key))
+                      for key, (wire_key, module, method, arguments, user_id, deadline, created)
+                      in enumerate(fresh, seq)]
+            records = list(map(pack, fields))
             records.append(pack(self._links.record(source, journal_id, high, refused, settled)))
             last = self.journal.append_many(records)
-            queue = self._queue(queue_name, False)
-            for key, (_, user_id) in enumerate(fresh, seq):
-                queue.pending.append(key)
-                if user_id is not None:
-                    self._ids[(source, user_id)] = [key, now + self.retention, False]
-                    self._user_calls[key] = (source, user_id)
-                fields = fresh[key - seq][0]
-                if self._cache_bytes + len(fields[7]) + CACHE_OVERHEAD_BYTES <= self._cache_limit:
-                    self._cache[key] = tuple(fields)
-                    self._cache_bytes += len(fields[7]) + CACHE_OVERHEAD_BYTES
+            self._queue(queue_name, False).pending.extend(range(seq, seq + len(fields)))
+            for record in fields:
+                if record[4] is not None:
+                    self._ids[(source, record[4])] = [record[1], now + self.retention, False]
+                    self._user_calls[record[1]] = (source, record[4])
+            cached = sum(map(len, map(_FIELD_ARGUMENTS, fields))) + CACHE_OVERHEAD_BYTES * len(
+                fields)
+            if self._cache_bytes + cached <= self._cache_limit:
+                self._cache.update(zip(range(seq, seq + len(fields)), fields, strict=True))
+                self._cache_bytes += cached
             self._since_checkpoint += sum(map(len, records))
             self.counters["accepted"] += len(fresh)
             self.counters["refused"] += len(refused)
             return last, high, self._links.refusals(source, journal_id)
+
+    def _accept_one_by_one(self, source: str, calls: list[Any], high: int,
+                           verdicts: dict[tuple[str, str], str | None],
+                           refused: list[tuple[int, str]], now: float) -> list[Any]:
+        """The calls of a batch to store: not seen, not refused (added to `refused`), not a
+        repeat of a user id (under _lock)."""
+        fresh = []
+        claimed: set[str] = set()
+        for call in calls:
+            key, module, method, _, user_id, _, _ = call
+            if key <= high:
+                continue  # delivered again after a reconnect: accepted already
+            high = key
+            reason = verdicts[(module, method)]
+            if reason is not None:
+                refused.append((key, reason))
+                continue
+            if user_id is not None:
+                known = self._ids.get((source, user_id))
+                if (known is not None and known[1] > now) or user_id in claimed:
+                    self.counters["duplicates"] += 1
+                    continue
+                claimed.add(user_id)
+            fresh.append(call)
+        return fresh
 
     def settle_outbound(self, queue_name: str, high: int, refused: dict[int, str],
                         sent: Iterable[StoredCall] = ()) -> int:
