@@ -18,8 +18,8 @@ import pytest
 
 import pmq
 from helpers import FAST_RETRY, LIMIT_S, MIB, Log, next_seq
+from pmq._calls import NewCall
 from pmq._codec import pack_arguments
-from pmq.store import NewCall
 
 # ---- lifecycle -------------------------------------------------------------------------------
 

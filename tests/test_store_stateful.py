@@ -38,8 +38,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from conftest import rounds
+from pmq._calls import NewCall, StoredCall
 from pmq.errors import QueueFull
-from pmq.store import NewCall, Store, StoredCall
+from pmq.store import Store
 
 SEGMENT_BYTES = 64 * 1024
 CAGE = "solo"

@@ -5,6 +5,7 @@ write-ahead log), ``store`` (queue state), ``dispatch`` (running calls), ``proxy
 (what users see). This module only re-exports the public names.
 """
 
+from pmq._calls import CallStatus, DeadLetter
 from pmq._config import QueuePolicy
 from pmq.cage import Cage, Transaction, aexecute, execute
 from pmq.dispatch import CallInfo, current_call
@@ -26,7 +27,6 @@ from pmq.errors import (
     Timeout,
     TransportError,
 )
-from pmq.store import CallStatus, DeadLetter
 
 __version__ = "0.1.0.dev0"
 

@@ -27,8 +27,9 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from pmq._calls import NewCall
 from pmq.errors import QueueFull
-from pmq.store import NewCall, Store
+from pmq.store import Store
 
 __all__ = ["Coalescer"]
 

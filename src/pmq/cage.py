@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from pmq import protocol
+from pmq._calls import CallStatus, DeadLetter, NewCall
 from pmq._coalesce import Coalescer
 from pmq._codec import pack_call_arguments, unpack_arguments
 from pmq._config import QueuePolicy, load_config, parse_address, policies_from
@@ -34,7 +35,7 @@ from pmq._names import check_cage_name, check_call_id
 from pmq.dispatch import Dispatcher, Registry, current_cage, current_call, serve_request
 from pmq.errors import JournalError, JournalFailed, ProtocolError, QueueFull, Timeout
 from pmq.proxy import MethodRef, Proxy, Target
-from pmq.store import CallStatus, DeadLetter, NewCall, Store
+from pmq.store import Store
 from pmq.transport import Transport
 
 __all__ = ["Cage", "Transaction", "aexecute", "execute"]

@@ -34,11 +34,12 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from pmq._calls import StoredCall
 from pmq._codec import pack_arguments, unpack_arguments
 from pmq._config import QueuePolicy
 from pmq._names import check_cage_name, check_identifier
 from pmq.errors import Reject, Retry
-from pmq.store import Store, StoredCall
+from pmq.store import Store
 
 __all__ = ["CallInfo", "Dispatcher", "Registry", "current_call", "serve_request"]
 

@@ -27,157 +27,49 @@ import operator
 import os
 import threading
 import time
-from array import array
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NamedTuple, overload
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import msgpack
 
-from pmq._checkpoint import read_checkpoint, write_checkpoint
+from pmq import _recovery
+from pmq._calls import (
+    K_ATTEMPT,
+    K_CALL,
+    K_DEAD,
+    K_DONE,
+    K_FAIL,
+    K_PURGE,
+    K_REVIVE,
+    CallIds,
+    CallStatus,
+    DeadLetter,
+    NewCall,
+    Queue,
+    StoredCall,
+)
+from pmq._checkpoint import write_checkpoint
 from pmq._journal import Journal
-from pmq._links import K_LINK, Links
+from pmq._links import Links
 from pmq.errors import JournalCorruption, QueueFull
 
-__all__ = ["CallIds", "CallStatus", "DeadLetter", "NewCall", "Store", "StoredCall"]
+__all__ = ["Store"]
 
 log = logging.getLogger("pmq.store")
-
-# Record kinds: the first element of every msgpack array the store appends.
-# [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
-# and, for a call accepted from another cage, a 12th item: its id on the source cage
-K_CALL = 1
-K_ATTEMPT = 2  # [2, [key, attempt, key, attempt, ...]]  attempts started
-K_FAIL = 3  # [3, [key, attempt, ...]]  attempts that ended without success
-K_DONE = 4  # [4, [key, ...], [queue, bytes, ...]]  completed; bytes freed per outbound queue
-K_DEAD = 5  # [5, key, queue, outbound, reason, detail, at, argument bytes]
-K_REVIVE = 6  # [6, key]  a dead letter goes back to its queue
-K_PURGE = 7  # [7, key]  a dead letter is deleted
 
 _USER_ID = operator.attrgetter("user_id")
 _ROUTE = operator.attrgetter("queue", "outbound")
 _ARGUMENTS = operator.attrgetter("arguments")
 _WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
 _FIELD_ARGUMENTS = operator.itemgetter(7)  # of a CALL record
-
 _CALL_HEAD = b"\x9b\x01"  # msgpack: an array of 11 items, the first K_CALL
 _NIL = b"\xc0"  # msgpack: None (the user id of a call without one)
-
 TRANSMITTED = 2  # the "done" flag of a user id whose call was sent to (and accepted by) a peer
 RECENT_DONE = 100_000  # completed keys remembered for call_status (memory only)
 CACHE_OVERHEAD_BYTES = 160  # what a cached record takes beyond its arguments (list, floats, ints)
 DETAIL_MAX_CHARS = 16_384
 RELOCATE_MAX = 10_000  # a head segment pinned by at most this many calls gets them copied forward
-
-
-class NewCall(NamedTuple):
-    """A call to store, as the proxy and the codec made it."""
-
-    queue: str  # "loopback_queue" (run here) or "<peer>_queue" (waits for the transport)
-    outbound: bool
-    module: str
-    method: str
-    arguments: bytes  # pmq._codec.pack_arguments(args, kwargs)
-    user_id: str | None  # the full id (already "<parent>:<id>" inside a handler)
-    deadline: float | None  # seconds since the epoch
-    source: str  # the cage that made the call
-
-
-class CallIds(Sequence[str]):
-    """The automatic ids of calls with consecutive keys, made only when someone reads them.
-
-    A transaction of thousands of calls whose ids nobody asks for then costs no string each.
-    """
-
-    __slots__ = ("_count", "_first", "_prefix")
-
-    def __init__(self, prefix: str, first: int, count: int) -> None:
-        self._prefix = prefix
-        self._first = first
-        self._count = count
-
-    def __len__(self) -> int:
-        return self._count
-
-    @overload
-    def __getitem__(self, index: int) -> str: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[str]: ...
-    def __getitem__(self, index: int | slice) -> str | list[str]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._count))]
-        if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
-            raise IndexError("call id index out of range")
-        return self._prefix + str(self._first + index)
-
-    def __iter__(self) -> Iterator[str]:
-        prefix = self._prefix
-        return (prefix + key for key in map(str, range(self._first, self._first + self._count)))
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
-            return list(self) == list(other)
-        return NotImplemented
-
-    __hash__ = None  # type: ignore[assignment]  # equal to lists, which are not hashable
-
-    def __repr__(self) -> str:
-        return repr(list(self))
-
-
-class StoredCall:
-    """A call handed out by ``take``: everything needed to run or send it."""
-
-    __slots__ = ("arguments", "attempt", "call_id", "crashes", "created", "deadline", "key",
-                 "method", "module", "outbound", "queue", "source", "user_id")
-
-    def __init__(self, key: int, call_id: str, fields: Sequence[Any], attempt: int,
-                 crashes: int):
-        self.key = key
-        self.call_id = call_id
-        _, _, self.queue, self.outbound, self.user_id, self.module, self.method = fields[:7]
-        self.arguments, self.deadline, self.created, self.source = fields[7:11]
-        self.attempt = attempt  # attempts already started before this one
-        self.crashes = crashes
-
-    def __repr__(self) -> str:
-        return f"<StoredCall {self.call_id} {self.module}.{self.method} attempt {self.attempt}>"
-
-
-class CallStatus(NamedTuple):
-    """Where a call is: stored, transmitted, accepted, executed, dead or unknown."""
-
-    state: str
-    reason: str | None = None
-    attempts: int = 0
-
-
-class DeadLetter(NamedTuple):
-    """A call that will not run again unless replayed."""
-
-    call_id: str
-    queue: str
-    module: str
-    method: str
-    reason: str
-    detail: str
-    at: float
-    attempts: int
-    source: str
-
-
-class _Queue:
-    __slots__ = ("bytes", "name", "outbound", "pending", "sorted", "taken")
-
-    def __init__(self, name: str, outbound: bool) -> None:
-        self.name = name
-        self.outbound = outbound
-        self.pending: deque[int] = deque()  # keys not handed out; in key order while `sorted`
-        self.bytes = 0  # argument bytes of pending outbound calls (max_pending_bytes)
-        self.sorted = True
-        self.taken = 0  # calls handed out by take and not yet back, finished or buried
 
 
 class Store:
@@ -211,7 +103,7 @@ class Store:
         self._id_prefix = f"{cage_name}:{self.journal.journal_id.hex()[:8]}:"
         self._lock = threading.Lock()
         self._packer = msgpack.Packer(use_bin_type=True)  # used under _lock only
-        self._queues: dict[tuple[str, bool], _Queue] = {}  # (name, outbound) -> queue
+        self._queues: dict[tuple[str, bool], Queue] = {}  # (name, outbound) -> queue
         self._taken: dict[int, StoredCall] = {}  # handed out, not finished
         self._attempts: dict[int, int] = {}  # sparse: attempts started
         self._crashes: dict[int, int] = {}  # sparse: attempts that died with the process
@@ -239,7 +131,7 @@ class Store:
                                        "failed", "dead", "revived", "purged", "relocated",
                                        "accepted", "refused"), 0)
         try:
-            self._recover()
+            _recovery.recover(self)
         except BaseException:
             self.journal.close()
             raise
@@ -382,10 +274,10 @@ class Store:
         waiting = len(queue.pending) if queue else 0
         return waiting + (queue.taken if queue else 0)
 
-    def _queue(self, name: str, outbound: bool) -> _Queue:
+    def _queue(self, name: str, outbound: bool) -> Queue:
         queue = self._queues.get((name, outbound))
         if queue is None:
-            queue = self._queues[(name, outbound)] = _Queue(name, outbound)
+            queue = self._queues[(name, outbound)] = Queue(name, outbound)
         return queue
 
     # ---- running calls -------------------------------------------------------------------
@@ -835,116 +727,7 @@ class Store:
             return {"counters": dict(self.counters), "queues": queues, "dead": len(self._dead),
                     "journal": self.journal.stats()}
 
-    # ---- recovery, checkpoints and space -------------------------------------------------
-
-    def _recover(self) -> None:
-        state = read_checkpoint(self.directory)
-        journal = self.journal
-        live: dict[int, tuple[str, bool]] = {}  # key -> (queue, outbound)
-        start = journal.floor
-        if state is not None:
-            if state["journal_id"] != journal.journal_id:
-                raise JournalCorruption("checkpoint belongs to another journal",
-                                        os.path.join(self.directory, "checkpoint"), 0)
-            if state["covered"] >= journal.next_seq or state["covered"] + 1 < journal.floor:
-                raise JournalCorruption(
-                    f"checkpoint covers seq {state['covered']}, but the journal holds "
-                    f"{journal.floor}..{journal.next_seq - 1}",
-                    os.path.join(self.directory, "checkpoint"), 0)
-            start = state["covered"] + 1
-            for name, is_out, keys, size in state["queues"]:
-                self._queue(name, is_out).bytes = size
-                for key in array("q", keys):
-                    live[key] = (name, is_out)
-            self._attempts = _pairs(state["attempts"])
-            self._crashes = _pairs(state["crashes"])
-            self._open = _pairs(state["open"])
-            self._moved = _pairs(state["moved"])
-            self._dead = {int(k): v for k, v in state["dead"].items()}
-            self._ids = {(s, u): [k, e, done] for s, u, k, e, done in state["ids"]}
-            self._user_calls = {k: ident for ident, (k, _, done) in self._ids.items() if not done}
-            self._links.restore(state.get("links", []))
-        for seq, payload in journal.replay(start):
-            self._apply(seq, msgpack.unpackb(payload, raw=False), live)
-        for key in self._open:
-            self._crashes[key] = self._crashes.get(key, 0) + 1
-            log.warning("call %s%d was running when the process stopped: counted as a crash",
-                        self._id_prefix, key)
-        self._open = {}
-        by_queue: dict[tuple[str, bool], list[int]] = {}
-        for key, qkey in live.items():
-            by_queue.setdefault(qkey, []).append(key)
-        for (name, is_out), keys in by_queue.items():
-            self._queue(name, is_out).pending = deque(sorted(keys))
-        now = time.time()
-        self._ids = {k: v for k, v in self._ids.items() if v[1] > now}
-        self._user_calls = {k: ident for k, ident in self._user_calls.items()
-                            if k in live or k in self._dead}
-        if live or self._dead:
-            log.info("store %s: %d pending calls, %d dead letters", self.directory, len(live),
-                     len(self._dead))
-
-    def _apply(self, seq: int, record: list[Any], live: dict[int, tuple[str, bool]]) -> None:
-        kind = record[0]
-        if kind == K_CALL:
-            key = record[1]
-            if key == seq:
-                live[key] = (record[2], record[3])
-                if record[3]:
-                    self._queue(record[2], True).bytes += len(record[7])
-                ident = None
-                if record[4] is not None:
-                    ident = (record[10], record[4])
-                elif record[3] and len(record) > 11:  # a replayed outbound call keeps its id
-                    ident = (record[10], record[11])
-                if ident is not None:
-                    entry = self._ids.get(ident)
-                    expiry = entry[1] if entry is not None else record[9] + self.retention
-                    self._ids[ident] = [key, expiry, False]
-                    self._user_calls[key] = ident
-            elif key in live or key in self._dead:
-                self._moved[key] = seq  # a relocated copy of a call still pending
-        elif kind == K_ATTEMPT:
-            flat = record[1]
-            for key, attempt in zip(flat[::2], flat[1::2], strict=True):
-                if key in self._open:
-                    self._crashes[key] = self._crashes.get(key, 0) + 1
-                self._open[key] = attempt
-                self._attempts[key] = attempt
-        elif kind == K_FAIL:
-            flat = record[1]
-            for key, attempt in zip(flat[::2], flat[1::2], strict=True):
-                self._open.pop(key, None)
-                self._attempts[key] = attempt
-        elif kind == K_DONE:
-            for key in record[1]:
-                where = live.pop(key, None)
-                self._drop_counters(key)
-                self._moved.pop(key, None)
-                self._completed(key, where is not None and where[1])
-            freed = record[2]
-            for name, size in zip(freed[::2], freed[1::2], strict=True):
-                self._queue(name, True).bytes -= size
-        elif kind == K_DEAD:
-            key = record[1]
-            if live.pop(key, None) is not None:
-                if record[3]:
-                    self._queue(record[2], True).bytes -= record[7]
-                self._dead[key] = [record[2], record[3], record[4], record[5], record[6],
-                                   self._attempts.get(key, 0), record[7]]
-                self._drop_counters(key)
-        elif kind == K_REVIVE:
-            entry = self._dead.pop(record[1], None)
-            if entry is not None:
-                live[record[1]] = (entry[0], entry[1])
-                if entry[1]:
-                    self._queue(entry[0], True).bytes += entry[6]
-        elif kind == K_PURGE:
-            self._dead.pop(record[1], None)
-            self._moved.pop(record[1], None)
-            self._user_calls.pop(record[1], None)
-        elif kind == K_LINK:
-            self._links.apply(record)
+    # ---- recovery, checkpoints and space (pmq._recovery) ------------------------------------
 
     def maintain(self, force: bool = False) -> bool:
         """Checkpoint, release what the journal no longer needs and relocate stragglers, if due.
@@ -955,11 +738,11 @@ class Store:
                or time.monotonic() - self._last_checkpoint >= self._checkpoint_interval)
         if not (force or due):
             return False
-        self._relocate_stragglers()
+        _recovery.relocate_stragglers(self)
         with self._lock:
             covered = self.journal.next_seq - 1
-            state = self._snapshot(covered)
-            floor = self._floor(covered)
+            state = _recovery.snapshot(self, covered)
+            floor = _recovery.floor(self, covered)
             self._since_checkpoint = 0
             self._last_checkpoint = time.monotonic()
         if covered > 0:
@@ -970,80 +753,6 @@ class Store:
             log.debug("store %s: released %d journal segments below seq %d", self.directory,
                       released, floor)
         return True
-
-    def _snapshot(self, covered: int) -> dict[str, Any]:
-        queues: list[list[Any]] = []
-        taken: dict[tuple[str, bool], list[int]] = {}
-        for call in self._taken.values():
-            taken.setdefault((call.queue, call.outbound), []).append(call.key)
-        for qkey, queue in self._queues.items():
-            # This runs under the lock that every enqueue needs: a backlog of a million calls in
-            # key order is copied by array() at C speed, and sorted only when it must be.
-            keys = array("q", queue.pending)
-            extra = taken.get(qkey)
-            if extra or not queue.sorted:
-                keys = array("q", sorted([*keys, *(extra or ())]))
-            queues.append([qkey[0], qkey[1], keys.tobytes(), queue.bytes])
-        now = time.time()
-        return {
-            "journal_id": self.journal.journal_id,
-            "covered": covered,
-            "queues": queues,
-            "attempts": _flat(self._attempts),
-            "crashes": _flat(self._crashes),
-            "open": _flat(self._open),
-            "moved": _flat(self._moved),
-            "dead": self._dead,
-            "ids": [[s, u, k, e, done] for (s, u), (k, e, done) in self._ids.items() if e > now],
-            "links": self._links.snapshot(),
-        }
-
-    def _floor(self, covered: int) -> int:
-        """The lowest seq still needed: records after the checkpoint, and live calls' records."""
-        floor = covered + 1
-        for queue in self._queues.values():
-            if queue.pending:
-                floor = min(floor, queue.pending[0] if queue.sorted else min(queue.pending))
-        for key in itertools.chain(self._taken, self._dead):
-            floor = min(floor, key)
-        if self._moved:
-            floor = covered + 1
-            for queue in self._queues.values():
-                for key in queue.pending:
-                    floor = min(floor, self._moved.get(key, key))
-            for key in itertools.chain(self._taken, self._dead):
-                floor = min(floor, self._moved.get(key, key))
-        return floor
-
-    def _relocate_stragglers(self) -> None:
-        """Copy the few live calls that pin the oldest segment to the end of the journal."""
-        segments = self.journal.segments()
-        if len(segments) < 3:
-            return
-        boundary = segments[1].base_seq
-        with self._lock:
-            live: list[int] = []
-            moved = self._moved
-            for queue in self._queues.values():
-                # Under the lock every enqueue needs: a queue in key order is read only up to
-                # the boundary (copies only ever move forward), and not at all once there are
-                # too many to relocate, so a large backlog costs next to nothing here.
-                for key in queue.pending:
-                    if key >= boundary and queue.sorted:
-                        break
-                    if moved.get(key, key) < boundary:
-                        live.append(key)
-                        if len(live) > RELOCATE_MAX:
-                            return
-            live += [k for k in itertools.chain(self._taken, self._dead)
-                     if moved.get(k, k) < boundary]
-            if not live or len(live) > RELOCATE_MAX:
-                return
-            old = {self._moved.get(k, k): k for k in live}
-            mapping = self.journal.copy_forward(old)
-            for old_seq, new_seq in mapping.items():
-                self._moved[old[old_seq]] = new_seq
-            self.counters["relocated"] += len(mapping)
 
     def close(self) -> None:
         """Write a final checkpoint and close the journal."""
@@ -1068,11 +777,3 @@ def _runs(seqs: list[int], gap: int) -> list[list[int]]:
             runs.append([seq])
     return runs
 
-
-def _flat(mapping: dict[int, int]) -> bytes:
-    return array("q", itertools.chain.from_iterable(mapping.items())).tobytes()
-
-
-def _pairs(data: bytes) -> dict[int, int]:
-    values = array("q", data)
-    return dict(zip(values[::2], values[1::2], strict=True))

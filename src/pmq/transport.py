@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pmq import protocol
+from pmq._calls import StoredCall
 from pmq.errors import (
     AuthenticationError,
     JournalFailed,
@@ -39,7 +40,7 @@ from pmq.errors import (
     Timeout,
     TransportError,
 )
-from pmq.store import Store, StoredCall
+from pmq.store import Store
 
 __all__ = ["Transport"]
 
