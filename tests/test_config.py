@@ -445,6 +445,8 @@ def test_home_relative_data_dir_is_expanded(
          "expose: module 'x': 'a b' is not an import path"),
         ('name = "a"\ndata_dir = "d"\n[expose]\nx = 1\n', TypeError, "expose: must be a string"),
         ('name = "a"\ndata_dir = "d"\nqueues = 3\n', TypeError, "queues: must be a table"),
+        ('name = "a"\ndata_dir = "d"\nallow_insecure = "yes"\n', ValueError,
+         "allow_insecure: must be true or false"),
     ],
 )  # fmt: skip
 def test_each_bad_file_names_file_and_key(

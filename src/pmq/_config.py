@@ -336,7 +336,7 @@ def parse_address(text: str, *, allow_port_zero: bool = False) -> tuple[str, int
 
 _CAGE_KEYS = (
     "name", "data_dir", "listen", "peers", "secret", "queues",
-    "durability", "workers", "retention", "expose",
+    "durability", "workers", "retention", "expose", "allow_insecure",
 )  # fmt: skip
 _REQUIRED_KEYS = ("name", "data_dir")
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -453,6 +453,12 @@ def _convert_queues(value: object, path: Path) -> dict[str, QueuePolicy]:
     return policies_from(value, source=str(path))
 
 
+def _convert_allow_insecure(value: object, path: Path) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"must be true or false, not {value!r}")
+    return value
+
+
 def _convert_durability(value: object, path: Path) -> str:
     text = _string(value)
     if text not in DURABILITY_MODES:
@@ -502,6 +508,7 @@ _CONVERTERS = {
     "workers": _convert_workers,
     "retention": _convert_retention,
     "expose": _convert_expose,
+    "allow_insecure": _convert_allow_insecure,
 }
 
 
