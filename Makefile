@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: all venv build test torture bench demo clean lint
+.PHONY: all venv build test torture bench demo demo-journal clean lint
 
 all: test
 
@@ -31,7 +31,12 @@ torture: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/report.py
 
+# Two cage processes, thousands of queued calls, both killed with SIGKILL and restarted; then
+# the tally (made, accepted, executed, duplicates, dead, lost) and the throughput.
 demo: $(STAMP)
+	$(PY) -m pmq._demo
+
+demo-journal: $(STAMP)
 	$(PY) bench/demo_journal.py
 
 # CI's lint job, with the versions .pre-commit-config.yaml pins, installed from PyPI (pre-commit

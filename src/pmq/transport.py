@@ -122,10 +122,13 @@ class Transport:
             self._server.close()
         for writer in list(self._connections):
             writer.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            # Cancel again until they are done: a task may catch one cancellation in a race
+            # with the I/O it awaited, and must not keep stop() waiting.
+            await asyncio.wait(tasks, timeout=1.0)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
@@ -172,6 +175,10 @@ class Transport:
     # ---- accepting -------------------------------------------------------------------------
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:  # stop() cancels the handlers of connections still open
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         where = _peername(writer)
         self._connections.add(writer)
         self.counters["connections"] += 1
@@ -182,8 +189,8 @@ class Transport:
         source = ""
         try:
             writer.write(conn.initiate())
-            established = await asyncio.wait_for(_handshake(reader, writer, conn),
-                                                 HANDSHAKE_TIMEOUT_S)
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+                established = await _handshake(reader, writer, conn)
             source = established.peer
             _check_certificate(writer, source)
             log.info("cage %s accepted a connection from cage %s at %s", self.cage, source,
@@ -303,15 +310,15 @@ class _Link:
         """One connection to the peer, until it fails (it always ends by raising)."""
         transport = self.transport
         tls = transport.tls_client
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=tls, limit=READ_BYTES,
-                                    server_hostname=self.peer if tls else None),
-            CONNECT_TIMEOUT_S)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=tls, limit=READ_BYTES, server_hostname=self.peer if tls else None)
         conn = protocol.Connection("client", transport.cage, transport.journal_id,
                                    secret=transport.secret, expect_peer=self.peer)
         self._writer = writer
         writer.write(conn.initiate())
-        await asyncio.wait_for(_handshake(reader, writer, conn), HANDSHAKE_TIMEOUT_S)
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT_S):
+            await _handshake(reader, writer, conn)
         _check_certificate(writer, self.peer)
         self._conn = conn
         self._settled = 0
@@ -374,7 +381,8 @@ class _Link:
                 continue
             self.wake.clear()
             try:
-                await asyncio.wait_for(self.wake.wait(), KEEPALIVE_S)
+                async with asyncio.timeout(KEEPALIVE_S):
+                    await self.wake.wait()
             except TimeoutError:
                 writer.write(conn.send(protocol.Ping()))
 
@@ -436,7 +444,8 @@ class _Link:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            await asyncio.wait_for(self.up.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.up.wait()
         except TimeoutError:
             raise TransportError(f"cage {self.peer} cannot be reached within {timeout} s "
                                  f"({self.last_error})") from None
@@ -449,7 +458,8 @@ class _Link:
         writer.write(conn.send(protocol.Request(rpc_id, module, method, arguments,
                                                 max(0.0, deadline - loop.time()))))
         try:
-            response = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
+            async with asyncio.timeout_at(deadline):
+                response = await future
         except TimeoutError:
             raise Timeout(f"{module}.{method} on cage {self.peer} did not answer within "
                           f"{timeout} s; it may still run there") from None
@@ -484,7 +494,10 @@ async def _events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         if reply:
             writer.write(reply)
         if event is protocol.NEED_DATA:
-            data = await asyncio.wait_for(reader.read(READ_BYTES), IDLE_TIMEOUT_S)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the read completes, and stop() then waited for ever.
+            async with asyncio.timeout(IDLE_TIMEOUT_S):
+                data = await reader.read(READ_BYTES)
             conn.receive_data(data)
             continue
         if isinstance(event, protocol.ConnectionClosed):
