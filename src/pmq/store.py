@@ -682,6 +682,13 @@ class Store:
                                  "say which with source=")
             key = next(iter(found.values()), None)
         if key is None or key not in self._dead:
+            # A call accepted from another cage without an id= is known by its id on that cage,
+            # which only its record holds.
+            records = self._payloads(sorted(self._dead))  # dead letters are never cached
+            key = next((k for k, fields in records.items()
+                        if self._id_of(fields, k) == call_id
+                        and source in (None, fields[10])), None)
+        if key is None:
             raise KeyError(f"{call_id!r} is not a dead letter")
         return int(key)
 

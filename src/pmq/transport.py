@@ -229,6 +229,11 @@ class Transport:
         except JournalFailed as exc:
             log.error("cage %s cannot accept calls from %s: %s", self.cage, source or where, exc)
             _goodbye(writer, conn, "the receiving cage's journal failed")
+        except asyncio.CancelledError:
+            # The cage is stopping. This task belongs to asyncio's server, which would log a
+            # cancellation it sees as an error; everything acknowledged is already durable.
+            log.debug("connection from %s closed: cage %s is stopping", source or where,
+                      self.cage)
         finally:
             for task in [*requests, *([acker] if acker else [])]:
                 task.cancel()
