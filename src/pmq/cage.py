@@ -392,9 +392,11 @@ class Cage:
                 f"`await cage.aexecute.on(...)` (or `await pmq.aexecute.on(...)` in a handler) "
                 f"there")
         if not spec.queued:
+            self._store()  # a stopped cage says so, as for queued calls
             loop = self._loop
-            future = asyncio.run_coroutine_threadsafe(self._rpc(spec, args, kwargs), loop)  # type: ignore[arg-type]
-            return future.result()
+            if loop is None:
+                raise RuntimeError(f"cage {self.name!r} is not running: call start() first")
+            return asyncio.run_coroutine_threadsafe(self._rpc(spec, args, kwargs), loop).result()
         store = self._store()
         calls: list[NewCall] = []
         self._new_call(calls, spec, args, kwargs)

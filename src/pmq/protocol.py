@@ -415,6 +415,12 @@ class Connection:
         """``(calls, bytes)`` the peer's window still allows; ``(0, 0)`` before Established."""
         return self.peer_window_calls - self._out.calls, self.peer_window_bytes - self._out.bytes
 
+    def abandon(self, rpc_id: int) -> None:
+        """Stop waiting for the RESPONSE to our REQUEST `rpc_id` (the caller timed out): it no
+        longer counts against MAX_CONCURRENT_REQUESTS; a RESPONSE that still comes is passed on
+        as usual, and the caller drops it."""
+        self._out.requests.discard(rpc_id)
+
     def initiate(self) -> bytes:
         """Start the handshake: call once, as soon as the socket is up, on both sides.
 

@@ -55,6 +55,7 @@ BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 5.0
 BATCH_MAX_CALLS = 2048
 RPC_DEFAULT_TIMEOUT_S = 30.0
+CLOSE_TIMEOUT_S = 0.5
 
 #: serve(source, module, method, arguments) -> (ok, result bytes, (type, message, traceback))
 Serve = Callable[[str, str, str, bytes], Awaitable[tuple[bool, bytes | None,
@@ -120,8 +121,15 @@ class Transport:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for writer in list(self._connections):
+        writers = list(self._connections)
+        for link in self.links.values():
+            if link._writer is not None:
+                writers.append(link._writer)
+        for writer in writers:
             writer.close()
+        # TLS says goodbye (close_notify) through the event loop: let it, briefly, so sockets
+        # are really closed before the loop ends.
+        await asyncio.gather(*(_closed(w) for w in writers))
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:
@@ -196,8 +204,10 @@ class Transport:
             log.info("cage %s accepted a connection from cage %s at %s", self.cage, source,
                      where)
             acker = asyncio.ensure_future(self._send_acks(conn, writer, acks))
+            # The link's state may include calls appended and not yet durable (this link's
+            # previous connection, whose batch waits for its fsync): tell it only once durable.
             high, refusals = self.store.link_state(source, established.journal_id)
-            writer.write(conn.send(protocol.Ack(high, refusals)))
+            acks.put_nowait((self.store.journal.next_seq - 1, high, refusals))
             async for event in _events(reader, writer, conn):
                 if isinstance(event, protocol.Batch):
                     seq, high, refusals = self.store.accept(
@@ -239,6 +249,7 @@ class Transport:
                 task.cancel()
             self._connections.discard(writer)
             writer.close()
+            await _closed(writer)
 
     async def _send_acks(self, conn: protocol.Connection, writer: asyncio.StreamWriter,
                          acks: asyncio.Queue[tuple[int, int, list[tuple[int, str]]] | None]
@@ -249,8 +260,12 @@ class Transport:
             if item is None:
                 return
             seq, high, refusals = item
+            # Even a batch that stored nothing (every call a redelivery) waits: its high-water
+            # mark may cover calls another connection appended and are not yet durable.
+            target = seq or self.store.journal.next_seq - 1
+            if self.store.visible_seq() < target:
+                await self.store.journal.sync_async(target)
             if seq:
-                await self.store.journal.sync_async(seq)
                 self._accepted()
             writer.write(conn.send(protocol.Ack(high, refusals)))
 
@@ -458,14 +473,20 @@ class _Link:
         if conn is None or writer is None:
             raise TransportError(f"cage {self.peer} cannot be reached ({self.last_error})")
         rpc_id = next(self._rpc_ids)
+        try:
+            request = conn.send(protocol.Request(rpc_id, module, method, arguments,
+                                                 max(0.0, deadline - loop.time())))
+        except ProtocolError as exc:  # e.g. too many requests without an answer
+            raise TransportError(f"cannot send {module}.{method} to cage {self.peer}: "
+                                 f"{exc}") from None
         future: asyncio.Future[protocol.Response] = loop.create_future()
         self._rpcs[rpc_id] = future
-        writer.write(conn.send(protocol.Request(rpc_id, module, method, arguments,
-                                                max(0.0, deadline - loop.time()))))
+        writer.write(request)
         try:
             async with asyncio.timeout_at(deadline):
                 response = await future
         except TimeoutError:
+            conn.abandon(rpc_id)
             raise Timeout(f"{module}.{method} on cage {self.peer} did not answer within "
                           f"{timeout} s; it may still run there") from None
         finally:
@@ -527,6 +548,16 @@ def _check_certificate(writer: asyncio.StreamWriter, peer: str) -> None:
     if peer not in names:
         raise AuthenticationError(f"the certificate of the peer that says it is cage {peer!r} "
                                   f"names {sorted(names)}")
+
+
+async def _closed(writer: asyncio.StreamWriter) -> None:
+    """Wait briefly for a closing connection to close (TLS says goodbye through the loop), then
+    drop it: a peer too busy to answer must not keep the socket open once the loop is gone."""
+    try:
+        async with asyncio.timeout(CLOSE_TIMEOUT_S):
+            await writer.wait_closed()
+    except Exception:  # a timeout, or the connection's own error: either way, let it go
+        writer.transport.abort()
 
 
 def _goodbye(writer: asyncio.StreamWriter, conn: protocol.Connection, reason: str) -> None:
