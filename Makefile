@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find src -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: all venv build test torture bench demo demo-journal clean lint
+.PHONY: all venv build test torture bench demo demo-journal wheel-test clean lint
 
 all: test
 
@@ -38,6 +38,12 @@ demo: $(STAMP)
 
 demo-journal: $(STAMP)
 	$(PY) bench/demo_journal.py
+
+# The suite against the built wheel in a fresh virtual environment, with no src/ on the path
+# (CI's tests job, locally): scripts/wheel_test.sh builds the sdist and a wheel from it into
+# dist/. Arguments for pytest: make wheel-test ARGS="-x -k cage".
+wheel-test:
+	PYTHON=$(PYTHON) bash scripts/wheel_test.sh $(ARGS)
 
 # CI's lint job, with the versions .pre-commit-config.yaml pins, installed from PyPI (pre-commit
 # itself would clone the hooks from GitHub).
