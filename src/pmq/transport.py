@@ -267,6 +267,8 @@ class Transport:
                 await self.store.journal.sync_async(target)
             if seq:
                 self._accepted()
+            if conn.state == "closed":  # the peer went away: it learns `high` when it returns
+                continue
             writer.write(conn.send(protocol.Ack(high, refusals)))
 
     async def _answer(self, conn: protocol.Connection, writer: asyncio.StreamWriter,
