@@ -83,9 +83,9 @@ LIMIT_S = 180.0
 #: each part on fresh directories (so that no single test runs for many minutes).
 ROUNDS = rounds(10, 300)
 PART_ROUNDS = 30
-#: About how many calls a streams per round: about 10,000 calls in ``make test``, near 100,000
+#: How many calls a streams per round, roughly: ~10,000 calls in ``make test``, ~100,000
 #: per torture part.
-ROUND_CALLS = rounds(1500, 3000)
+ROUND_CALLS = rounds(1500, 6000)
 #: a is paused while it is this many calls ahead of b's handlers, and goes on at half of it: b's
 #: backlog, hence each drain, stays short however slow b's handlers (two fsyncs each) are.
 MAX_LEAD = 2000
