@@ -16,6 +16,7 @@ certain: an acknowledgement the sender loses, or an fsync that takes its time. E
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -652,6 +653,27 @@ def test_rpc_after_many_timed_out_ones_fails_cleanly_or_succeeds(
     unretrieved = [r.getMessage() for r in list(caplog.records)
                    if "exception was never retrieved" in r.getMessage()]
     assert unretrieved == []
+
+
+def test_stop_closes_connections_that_arrive_as_the_cage_stops(make_cage: MakeCage) -> None:
+    """A connection accepted in the moment the cage stops, before its handler has run, is
+    closed by stop(): its peer sees the end, and no socket is left for the garbage collector."""
+    for round_ in range(5):
+        b, _ = serving(make_cage, f"b{round_}")
+        assert b.address is not None
+        with contextlib.ExitStack() as open_:
+            clients = [open_.enter_context(socket.create_connection(b.address, timeout=LIMIT_S))
+                       for _ in range(20)]
+            b.stop()
+            for number, client in enumerate(clients):
+                try:
+                    while client.recv(65536):  # the HELLO, when its handler ran
+                        pass
+                except ConnectionResetError:
+                    pass  # still in the listener's backlog when it closed
+                except TimeoutError:
+                    pytest.fail(f"round {round_}: connection {number} is still open after stop()")
+        gc.collect()
 
 
 def test_rpc_to_a_peer_nobody_listens_for_raises_transport_error(make_cage: MakeCage) -> None:

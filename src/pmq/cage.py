@@ -197,7 +197,7 @@ class Cage:
                 log.exception("cage %s stopped on an error", self.name)
                 ready.set()
             finally:
-                loop.close()
+                _finish(loop)
 
         self._own_loop = True
         self._thread = threading.Thread(target=main, name=f"pmq-cage-{self.name}", daemon=True)
@@ -649,3 +649,18 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+def _finish(loop: asyncio.AbstractEventLoop) -> None:
+    """Close a cage's own loop as asyncio.run would: cancel what is left (a connection being
+    accepted as the cage stopped, say) and let it end, so no socket outlives the loop. Unlike
+    asyncio.run it does not wait for the default executor: a stuck handler must not hold up
+    stop()."""
+    try:
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()

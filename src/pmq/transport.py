@@ -25,6 +25,7 @@ import logging
 import random
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -56,6 +57,7 @@ BACKOFF_MAX_S = 5.0
 BATCH_MAX_CALLS = 2048
 RPC_DEFAULT_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 0.5
+_ACCEPT_STEPS = 3  # loop steps from accepting a socket to its protocol's connection_made
 
 #: serve(source, module, method, arguments) -> (ok, result bytes, (type, message, traceback))
 Serve = Callable[[str, str, str, bytes], Awaitable[tuple[bool, bytes | None,
@@ -98,10 +100,11 @@ class Transport:
         self._accepted = accepted
         self.links = {peer: _Link(self, peer, addresses) for peer, addresses in peers.items()}
         self.address: tuple[str, int] | None = None  # where it listens (the real port)
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connections: set[asyncio.StreamWriter] = set()
+        self._accepting: weakref.WeakSet[_Accepted] = weakref.WeakSet()
         self.counters = dict.fromkeys(("sent", "transmitted", "refused", "accepted_batches",
                                        "connections", "rejected_connections"), 0)
 
@@ -109,8 +112,8 @@ class Transport:
         self._loop = asyncio.get_running_loop()
         if self.listen is not None:
             host, port = self.listen
-            self._server = await asyncio.start_server(self._accept, host, port,
-                                                      ssl=self.tls_server, limit=READ_BYTES)
+            self._server = await self._loop.create_server(self._new_connection, host, port,
+                                                          ssl=self.tls_server)
             sockname = self._server.sockets[0].getsockname()
             self.address = (sockname[0], sockname[1])
             log.info("cage %s listens on %s:%d%s", self.cage, *self.address,
@@ -120,6 +123,15 @@ class Transport:
 
     async def stop(self) -> None:
         if self._server is not None:
+            # Connections accepted in the loop's last step are still on their way to a handler.
+            # Closing the server under them makes asyncio (3.11) drop them silently, sockets
+            # open (Server._attach asserts the server is open). So stop accepting, let them
+            # reach their handlers (or at least connection_made), then close.
+            with contextlib.suppress(NotImplementedError):  # the proactor loop has no readers
+                for sock in self._server.sockets:
+                    asyncio.get_running_loop().remove_reader(sock.fileno())
+            for _ in range(_ACCEPT_STEPS):
+                await asyncio.sleep(0)
             self._server.close()
         writers = list(self._connections)
         for link in self.links.values():
@@ -137,9 +149,23 @@ class Transport:
             # Cancel again until they are done: a task may catch one cancellation in a race
             # with the I/O it awaited, and must not keep stop() waiting.
             await asyncio.wait(tasks, timeout=1.0)
+        # A connection accepted just before the server closed may not have started its
+        # handler yet, so nothing above closed it: close it here, or its socket outlives the loop.
+        aborted = [made for made in (accepted.made for accepted in list(self._accepting))
+                   if made is not None and not made.is_closing()]
+        for made in aborted:
+            made.abort()
+        if aborted:
+            await asyncio.sleep(0)  # abort() closes the socket in the loop's next step
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+
+    def _new_connection(self) -> _Accepted:
+        """What asyncio.start_server would build, remembered so that stop() can close it."""
+        accepted = _Accepted(asyncio.StreamReader(limit=READ_BYTES), self._accept)
+        self._accepting.add(accepted)
+        return accepted
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -277,6 +303,18 @@ class Transport:
                                               request.arguments)
         if not writer.is_closing():
             writer.write(conn.send(protocol.Response(request.rpc_id, ok, result, error)))
+
+
+class _Accepted(asyncio.StreamReaderProtocol):
+    """An accepted connection that knows its transport from the moment it is made: asyncio's
+    server (before Python 3.12) keeps no list of its connections to close."""
+
+    made: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.made = transport
+        super().connection_made(transport)
 
 
 class _Link:
