@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import textwrap
@@ -479,6 +480,35 @@ def test_replay_splits_nothing_across_segments(make_journal: Any) -> None:
     assert len(journal.segments()) > 3
     assert replayed(journal) == expected
     assert replayed(journal, 33, 77) == expected[32:76]
+
+
+def test_replay_from_anywhere_in_a_big_segment_agrees_with_a_full_replay(
+    make_journal: Any,
+) -> None:
+    """replay() jumps to the last frame it remembers before `start` (one per MARK_BYTES) instead
+    of walking the segment from its start: from any start, in any order, with frames of one and
+    of many records and appends between the reads, it yields what a full replay yields."""
+    journal = make_journal(segment_bytes=8 * 1024 * KIB)
+    rng = random.Random(7)
+    expected: list[tuple[int, bytes]] = []
+
+    def grow(frames: int) -> None:
+        for _ in range(frames):
+            batch = [payload_for(len(expected) + i + 1, rng.randrange(10, 600))
+                     for i in range(rng.choice((1, 1, 5, 40)))]
+            last = journal.append_many(batch) if len(batch) > 1 else journal.append(batch[0])
+            expected.extend(zip(range(last - len(batch) + 1, last + 1), batch, strict=True))
+        journal.sync()
+
+    grow(300)
+    assert len(journal.segments()) == 1
+    assert sum(len(payload) for _, payload in expected) > 4 * _journal.MARK_BYTES
+    for _ in range(3):
+        for start in rng.sample(range(1, len(expected) + 1), 40):
+            stop = start + rng.randrange(1, 50)
+            assert replayed(journal, start, stop) == expected[start - 1:stop - 1], (start, stop)
+        grow(100)
+    assert replayed(journal) == expected
 
 
 def test_replay_is_restartable_and_independent(make_journal: Any) -> None:

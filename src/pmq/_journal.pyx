@@ -25,6 +25,7 @@ from cpython.bytes cimport (
     PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE,
 )
 
+import array
 import asyncio
 import bisect
 import struct
@@ -92,6 +93,9 @@ MIN_SEGMENT_BYTES = 64 * 1024
 MAX_SEGMENT_BYTES = 1024 * 1024 * 1024
 _DURABILITY = ("always", "interval", "never")
 _PREALLOC = ("zero", "allocate", "none")
+# replay() remembers where frames start, one place in each MARK_BYTES of a segment, so that
+# reading back a record walks at most this far instead of from the start of its segment.
+MARK_BYTES = 64 * 1024
 
 # The fault hook (docs/journal.md "Test hook"): plain C globals, one compare per syscall.
 DEF FAULT_WRITE = 1
@@ -178,6 +182,7 @@ cdef class Journal(_GroupCommit):
     cdef int64_t _floor
     cdef list _segments                 # [[base, path]], oldest first; the last is active
     cdef dict _skips                    # path -> {bad offset: (resume offset, resume seq)}
+    cdef dict _marks                    # path -> (array of seqs, array of offsets) of frames
     cdef object _lock
     cdef object _spare_cond, _spare, _spare_thread
     cdef object _interval_thread, _stop_event
@@ -223,6 +228,7 @@ cdef class Journal(_GroupCommit):
         self._interval_s = interval_ms / 1000.0
         self.salvaged = []
         self._skips = {}
+        self._marks = {}
         self._async_waiters = []
         self._spare_cond = threading.Condition()
         self._pend_cap = self._wbuf_cap = 1 << 16
@@ -447,8 +453,14 @@ cdef class Journal(_GroupCommit):
                 view = mapped.view
                 salt = _parse_segment_header(view[:SEGMENT_HEADER], path).salt
                 skips = self._skips.get(path, {})
-                off = SEGMENT_HEADER
-                expected = base
+                marks = self._marks.get(path)
+                if marks is None:
+                    marks = self._marks[path] = (array.array("q", [base]),
+                                                 array.array("q", [SEGMENT_HEADER]))
+                mark_seqs, mark_offs = marks
+                mark = max(bisect.bisect_right(mark_seqs, lo) - 1, 0)
+                off = mark_offs[mark]
+                expected = mark_seqs[mark]
                 while expected < hi:
                     status, count, flags, flen, first_type = _frame_at(
                         view, off, salt, expected, self._max_frame)
@@ -457,6 +469,9 @@ cdef class Journal(_GroupCommit):
                             if first_type == REC_SEAL:
                                 break
                         else:
+                            if off - mark_offs[-1] >= MARK_BYTES and expected > mark_seqs[-1]:
+                                mark_seqs.append(expected)
+                                mark_offs.append(off)
                             if expected + count > lo:
                                 for k, payload in enumerate(_frame_records(view, off)):
                                     if lo <= expected + k < hi:
@@ -510,6 +525,7 @@ cdef class Journal(_GroupCommit):
             for path in doomed:
                 os.unlink(path)
                 self._skips.pop(path, None)
+                self._marks.pop(path, None)
         finally:
             with nogil:
                 self._release_leadership()
