@@ -7,6 +7,11 @@ Run it with::
     .venv/bin/python bench/compare_remote.py --quick         # ~1 s per row
     .venv/bin/python bench/compare_remote.py --quick --cases redis,rabbitmq,nats,persist_queue
     .venv/bin/python bench/compare_remote.py --cases pmq --no-save
+    .venv/bin/python bench/compare_remote.py --plot docs/performance.png   # and the picture
+
+The picture (pmq._plot, which needs matplotlib) shows every row of this one run: throughput per
+case, p50/p99 latency per system at each offered rate. ``pmq bench --from-json FILE --plot
+FILE.png`` draws it again from a saved JSON file.
 
 Owns: one process run that has a producer process make the call
 ``accounts.credit(12345, amount=10, memo="x" * 40)`` and a consumer process run it, with every
@@ -71,6 +76,7 @@ import _remote_cases as rc
 from _compare_cases import CaseResult
 from _report_cases import settle
 from compare_local import ensure_persist_queue, pmq_cage_problem
+from pmq._plot import plot
 
 SYSTEMS = ("redis", "rabbitmq", "nats", "persist_queue", "pmq")
 TITLES = {
@@ -757,6 +763,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
     parser.add_argument("--json", default=None, help="JSON path (default bench/results/...)")
+    parser.add_argument(
+        "--plot", default=None, metavar="FILE.png", help="also draw this run (needs matplotlib)"
+    )
     parser.add_argument("--dir", default=None, help="scratch base (default bench/.work)")
     parser.add_argument(
         "--stall-timeout",
@@ -877,6 +886,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(ValueError):
             path = path.relative_to(Path.cwd())
         print(f"saved {path}")
+    if args.plot:
+        print(plot(json.loads(json.dumps(report, default=str)), args.plot))
     return 1 if any(r.error and not r.skipped for r in results) else 0
 
 

@@ -1,10 +1,12 @@
 """The ``pmq`` command, run as a subprocess (``python -m pmq``) on real data directories.
 
 Checks DESIGN.md §6 as pmq/cli.py implements it (docs/cli.md): ``status``, ``dead
-list|show|replay|purge``, ``journal verify|dump`` on the directory of a stopped cage, ``run`` as a
-service stopped by SIGTERM or Ctrl-C, and the rules every command keeps: a bad command line is
-click's usage message and exit code 2, an error of pmq is one line and exit code 1, never a
-traceback.
+list|show|replay|purge``, ``journal verify|dump`` on the directory of a stopped cage, ``status
+--connect`` asking a running cage (started here) over the wire, ``run`` as a service stopped by
+SIGTERM or Ctrl-C, and the rules every command keeps: a bad command line is click's usage
+message and exit code 2, an error of pmq is one line and exit code 1, never a traceback. The
+store's read-only accessors those commands use (``Store.queue_report``, ``dead_letter_call``,
+``recorded_name``) and the reserved module name ``pmq`` are checked here too.
 
 The data directories come from real cages made here: calls queued to a peer that is not running
 stay pending, a handler that raises ``Reject`` makes dead letters, a handler that raises
@@ -17,6 +19,7 @@ asserts on time, every wait has the generous ``LIMIT_S``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -206,17 +209,284 @@ def test_status_refuses_a_directory_in_use(make_cage: MakeCage, tmp_path: Path) 
             assert f"(pid {os.getpid()})" in line
 
 
-def test_status_connect_is_not_supported_yet() -> None:
-    """``pmq status --connect HOST:PORT`` says it is not supported yet and exits 2."""
-    line = assert_one_line_error(pmq_cli("status", "--connect", "127.0.0.1:7001"), code=2)
-    assert "not supported yet" in line
-
-
 def test_status_of_a_directory_that_is_not_a_data_directory(tmp_path: Path) -> None:
     """A directory without a journal is refused in one line, and nothing is created in it."""
     line = assert_one_line_error(pmq_cli("status", tmp_path))
     assert "is not a pmq data directory" in line
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- status --connect: a running cage, asked over the wire --------------------------------
+
+
+def make_running(make_cage: MakeCage, tmp_path: Path, **kwargs: object) -> tuple[pmq.Cage, Mod]:
+    """Cage "billing", listening, with two calls pending for a peer that is down, one call
+    waiting out a retry (in flight) and one dead letter; returned once all of that holds."""
+    mod = Mod()
+    cage = make_cage(
+        "billing",
+        tmp_path / "billing",
+        listen="127.0.0.1:0",
+        peers={"ledger": f"127.0.0.1:{free_port()}"},
+        expose={"mod": mod},
+        **kwargs,
+    )
+    cage.execute.on("ledger_queue").accounts.credit(1, amount=10)
+    cage.execute.on("ledger_queue").accounts.credit(2, amount=20)
+    cage.execute.on("loopback_queue").mod.later(7)
+    cage.execute.on("loopback_queue").mod.no(42)
+    mod.log.wait_for(2)
+    wait_until(lambda: len(cage.dead_letters()) == 1, "one dead letter")
+    wait_until(
+        lambda: cage.stats()["queues"][("loopback_queue", False)] == {"waiting": 0, "taken": 1},
+        "the postponed call waits out its retry",
+    )
+    return cage, mod
+
+
+def address_of(cage: pmq.Cage) -> str:
+    """``127.0.0.1:PORT`` where `cage` listens."""
+    assert cage.address is not None
+    return f"127.0.0.1:{cage.address[1]}"
+
+
+def test_status_connect_asks_a_running_cage(make_cage: MakeCage, tmp_path: Path) -> None:
+    """``--connect`` shows a running cage's queues (in flight included), peers and journal."""
+    made_after = time.time()
+    cage, _ = make_running(make_cage, tmp_path)
+    result = pmq_cli("status", "--connect", address_of(cage), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (report["cage"], report["running"], report["address"]) == (
+        "billing",
+        True,
+        address_of(cage),
+    )
+    assert report["data_dir"] == str(tmp_path / "billing")
+    queues = {(q["queue"], q["direction"]): q for q in report["queues"]}
+    assert list(queues) == [("loopback_queue", "loopback"), ("ledger_queue", "outbound")]
+    loopback, ledger = queues[("loopback_queue", "loopback")], queues[("ledger_queue", "outbound")]
+    assert (loopback["pending"], loopback["in_flight"], loopback["dead"]) == (1, 1, 1)
+    assert (ledger["pending"], ledger["in_flight"], ledger["dead"], ledger["peer"]) == (
+        2,
+        0,
+        0,
+        "ledger",
+    )
+    for row in (loopback, ledger):
+        assert made_after <= row["oldest_created"] <= report["time"]
+    assert report["dead"] == 1 and report["counters"]["enqueued"] == 4
+    assert report["dispatch"]["rejected"] == 1 and report["dispatch"]["retried"] == 1
+    assert report["peers"]["ledger"]["connected"] is False
+    assert report["journal"]["directory"] == str(tmp_path / "billing" / "journal")
+    assert report["journal"]["segments"] >= 1 and report["journal"]["bytes"] > 0
+    table = pmq_cli("status", "--connect", address_of(cage))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].startswith(f"cage 'billing' at {address_of(cage)} (running)")
+    rows = {
+        line.split()[0]: line.split() for line in lines if line.partition(" ")[0].endswith("_queue")
+    }
+    assert rows["loopback_queue"][1:5] == ["loopback", "1", "1", "1"]
+    assert rows["ledger_queue"][1:5] == ["outbound", "2", "0", "0"]
+    assert any(line.split()[:3] == ["peers", "ledger:", "not"] for line in lines)
+
+
+def test_status_connect_with_the_cage_secret(
+    make_cage: MakeCage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cage with a secret answers --secret or PMQ_SECRET; without it, or a wrong one: 1 line."""
+    cage, _ = make_running(make_cage, tmp_path, secret=b"s3cret")
+    where = address_of(cage)
+    given = pmq_cli("status", "--connect", where, "--secret", "s3cret", "--json")
+    assert given.returncode == 0, given.stderr
+    assert json.loads(given.stdout)["cage"] == "billing"
+    monkeypatch.setenv("PMQ_SECRET", "s3cret")
+    from_env = pmq_cli("status", "--connect", where, "--json")
+    assert from_env.returncode == 0, from_env.stderr
+    for ours, theirs in zip(
+        json.loads(from_env.stdout)["queues"], json.loads(given.stdout)["queues"], strict=True
+    ):
+        del ours["oldest_age_seconds"], theirs["oldest_age_seconds"]  # asked at other times
+        assert ours == theirs
+    monkeypatch.delenv("PMQ_SECRET")
+    missing = assert_one_line_error(pmq_cli("status", "--connect", where))
+    assert f"the handshake with {where} failed" in missing and "has none" in missing
+    wrong = assert_one_line_error(pmq_cli("status", "--connect", where, "--secret", "guess"))
+    assert f"the handshake with {where} failed" in wrong and "wrong secret" in wrong
+    assert cage.stats()["counters"]["enqueued"] == 4  # nobody stored anything
+
+
+def test_status_connect_to_a_cage_without_a_secret_refuses_one(
+    make_cage: MakeCage, tmp_path: Path
+) -> None:
+    """Giving a secret to a cage that has none fails the handshake: one line, exit 1."""
+    cage, _ = make_running(make_cage, tmp_path)
+    line = assert_one_line_error(pmq_cli("status", "--connect", address_of(cage), "--secret", "x"))
+    assert "the handshake with" in line and "secret" in line
+
+
+def test_status_connect_to_a_port_nothing_listens_on() -> None:
+    """Nothing listening: "cannot connect to HOST:PORT" in one line, exit 1."""
+    port = free_port()
+    line = assert_one_line_error(pmq_cli("status", "--connect", f"127.0.0.1:{port}"))
+    assert line.startswith(f"Error: cannot connect to 127.0.0.1:{port}: ")
+
+
+@contextlib.contextmanager
+def not_a_cage(reply: bytes | None) -> Iterator[int]:
+    """A TCP listener on 127.0.0.1 that is no cage; yields its port. It accepts one connection,
+    reads what comes first, then writes `reply` and closes; with None it says nothing and
+    keeps the connection open until the end."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(LIMIT_S)
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        try:
+            conn, _ = server.accept()
+            held.append(conn)
+            conn.recv(4096)
+            if reply is not None:
+                conn.sendall(reply)
+                conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the test is over and closed the listener
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        server.close()
+        thread.join(LIMIT_S)
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (None, "no answer from 127.0.0.1:{port} within 1 s"),
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "127.0.0.1:{port} does not answer like a pmq cage"),
+        (b"", "the connection was closed during the handshake"),
+    ],
+    ids=["silent", "garbage", "closes"],
+)
+def test_status_connect_to_something_that_is_not_a_cage(reply: bytes | None, expected: str) -> None:
+    """A listener that says nothing, garbage, or closes at once: one line each, exit 1."""
+    with not_a_cage(reply) as port:
+        line = assert_one_line_error(
+            pmq_cli("status", "--connect", f"127.0.0.1:{port}", "--timeout", "1")
+        )
+    assert expected.format(port=port) in line
+
+
+def test_status_connect_takes_an_address_and_no_data_dir(tmp_path: Path) -> None:
+    """A bad address, or an address and DATA_DIR together, is a usage error: exit 2."""
+    for args in (["--connect", "127.0.0.1"], ["--connect", "127.0.0.1:1", str(tmp_path)]):
+        result = pmq_cli("status", *args)
+        assert result.returncode == 2, (result.stdout, result.stderr)
+        assert "Usage: pmq status" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pmq_is_a_reserved_module_name(make_cage: MakeCage, tmp_path: Path) -> None:
+    """No cage exposes a module "pmq": expose(), expose= and a config file all refuse it."""
+    with pytest.raises(ValueError, match="'pmq': it is reserved"):
+        make_cage("a", start=False).expose("pmq", Mod())
+    with pytest.raises(ValueError, match="'pmq': it is reserved"):
+        pmq.Cage("b", tmp_path / "b", expose={"pmq": Mod()})
+    config = tmp_path / "reserved.toml"
+    config.write_text('name = "c"\ndata_dir = "d"\n[expose]\npmq = "json"\n')
+    line = assert_one_line_error(pmq_cli("run", config))
+    assert "'pmq': it is reserved" in line
+
+
+def test_pmq_status_is_callable_by_a_peer_and_never_queued(
+    make_cage: MakeCage, tmp_path: Path
+) -> None:
+    """A peer gets pmq.status() by RPC; a queued call to pmq.status is refused as not exposed."""
+    cage, _ = make_running(make_cage, tmp_path)
+    peer = make_cage("peer", peers={"billing": address_of(cage)})
+    answer = peer.execute.on("billing", timeout=LIMIT_S).pmq.status()
+    assert answer["cage"] == "billing" and answer["dead"] == 1
+    assert answer["peers"]["ledger"]["connected"] is False
+    with pytest.raises(pmq.RemoteError, match=r"pmq\.nothing is not one of pmq's own methods"):
+        peer.execute.on("billing", timeout=LIMIT_S).pmq.nothing()
+    with pytest.raises(pmq.RemoteError, match="takes no arguments"):
+        peer.execute.on("billing", timeout=LIMIT_S).pmq.status(1)
+    call = peer.execute.on("billing_queue").pmq.status()
+    peer.drain(timeout=LIMIT_S)
+    assert peer.call_status(call)[:2] == ("dead", "refused")
+
+
+# ---- the store's inspection accessors (what the commands ask) -------------------------------
+
+
+def test_queue_report_changes_nothing_and_finds_the_oldest_call(copy: Stopped) -> None:
+    """``Store.queue_report`` counts each queue, hands nothing out and appends nothing."""
+    from pmq.store import Store
+
+    store = Store(str(copy.data_dir), "billing")
+    try:
+        next_seq = store.journal.next_seq
+        report = {(q["queue"], q["outbound"]): q for q in store.queue_report()}
+        assert store.journal.next_seq == next_seq
+        assert set(report) == {("loopback_queue", False), ("ledger_queue", True)}
+        ledger = report[("ledger_queue", True)]
+        assert (ledger["pending"], ledger["in_flight"], ledger["dead"]) == (2, 0, 0)
+        assert (
+            report[("loopback_queue", False)]["pending"],
+            report[("loopback_queue", False)]["dead"],
+        ) == (1, 2)
+        [head] = store.take("ledger_queue", 1, outbound=True)  # still there to be handed out
+        assert head.call_id == copy.outbound[0]
+        assert ledger["oldest_created"] == head.created
+        in_flight = {(q["queue"], q["outbound"]): q for q in store.queue_report()}
+        assert in_flight[("ledger_queue", True)]["in_flight"] == 1
+        assert in_flight[("ledger_queue", True)]["oldest_created"] == head.created
+        store.give_back([head])
+    finally:
+        store.close()
+
+
+def test_dead_letter_call_and_recorded_name(stopped: Stopped, tmp_path: Path) -> None:
+    """``dead_letter_call`` gives a dead letter's record; ``recorded_name`` its cage's name."""
+    from pmq._codec import unpack_arguments
+    from pmq.store import Store
+
+    shutil.copytree(stopped.data_dir, tmp_path / "billing")
+    store = Store(str(tmp_path / "billing"), "billing")
+    try:
+        assert store.recorded_name() == "billing"
+        record = store.dead_letter_call(stopped.rejected)
+        assert (record["user_id"], record["deadline"], record["outbound"]) == (None, None, False)
+        assert unpack_arguments(record["arguments"]) == ([42], {"memo": "hi"})
+        assert stopped.made_after <= record["created"] <= time.time()
+        assert store.dead_letter_call("t/1", "billing")["user_id"] == "t/1"
+        with pytest.raises(KeyError, match="'nope' is not a dead letter"):
+            store.dead_letter_call("nope")
+    finally:
+        store.close()
+
+
+def test_recorded_name_ignores_dead_letters_from_other_cages(
+    make_cage: MakeCage, tmp_path: Path
+) -> None:
+    """A cage whose only dead letter came from a peer has no recorded name; the peer has one."""
+    target = make_cage("target", listen="127.0.0.1:0", expose={"mod": Mod()})
+    source = make_cage("source", peers={"target": address_of(target)})
+    source.execute.on("target_queue").mod.no(1)  # rejected on target: its dead letter
+    source.execute.on("target_queue").absent.call()  # refused: a dead letter on source
+    source.drain(timeout=LIMIT_S)
+    wait_until(lambda: len(target.dead_letters()) == 1, "the rejected call is dead on target")
+    assert target.store is not None and source.store is not None
+    assert target.store.recorded_name() is None
+    assert source.store.recorded_name() == "source"
+    [letter] = target.dead_letters()
+    assert target.store.dead_letter_call(letter.call_id, "source")["outbound"] is False
+    [refused] = source.dead_letters()
+    assert source.store.dead_letter_call(refused.call_id)["outbound"] is True
 
 
 # ---- dead letters --------------------------------------------------------------------------

@@ -76,6 +76,77 @@ def test_bench_prints_a_table_of_every_row(tmp_path: Path) -> None:
     assert [r["calls"] for r in rows] == [2000, 2000, 1000, 2000]
 
 
+# ---- the picture: pmq bench --plot / --from-json (pmq._plot) -----------------------------------
+
+#: A saved run of bench/compare_remote.py, cut down: one row of each kind, a failed and a
+#: skipped one among them.
+COMPARISON = {
+    "kind": "pmq-remote-comparison", "created": "20261128-174545",
+    "machine": {"cpu_count": 2, "python": "3.11.7", "fs_type": "ext4"},
+    "results": [
+        {"name": "redis_tput", "label": "Redis throughput", "calls_per_s": 27402.3,
+         "error": None, "skipped": False, "extra": {}},
+        {"name": "redis_lat10k", "label": "Redis latency at 10,000 calls/s", "calls_per_s": None,
+         "error": "producer exited 1 before RESULT: MaxConnectionsError: Too many connections\n",
+         "skipped": False, "extra": {}},
+        {"name": "nats_tput", "label": "NATS JetStream throughput", "calls_per_s": None,
+         "error": "not root, so cannot apt-get install nats-server", "skipped": True,
+         "extra": {}},
+        {"name": "pmq_tput_xa", "label": "pmq throughput, transactions of 1,000",
+         "calls_per_s": 30240.4, "error": None, "skipped": False, "extra": {}},
+        {"name": "pmq_lat10k", "label": "pmq latency at 10,000 calls/s", "calls_per_s": 6282.2,
+         "error": None, "skipped": False, "extra": {"p50_ms": 27.4, "p99_ms": 134.5}},
+    ],
+}
+
+
+def test_plot_reads_both_result_shapes_and_keeps_failed_rows() -> None:
+    """``pmq._plot.measurements`` reads compare_remote's and pmq bench's JSON, failures too."""
+    from pmq._plot import Measurement, measurements
+
+    assert measurements(COMPARISON) == [
+        Measurement("redis", "Redis", None, 27402.3),
+        Measurement("redis", "Redis", 10000.0, None,
+                    problem="failed: producer exited 1 before RESULT: MaxConnectionsError: "
+                            "Too many connections"),
+        Measurement("nats", "NATS JetStream", None, None,
+                    problem="skipped: not root, so cannot apt-get install nats-server"),
+        Measurement("pmq", "pmq, transactions of 1,000", None, 30240.4),
+        Measurement("pmq", "pmq", 10000.0, 6282.2, 27.4, 134.5),
+    ]
+    bench = {"kind": "pmq-bench", "created": 1.0, "results": [
+        {"row": "async", "label": "throughput, aexecute from 1,000 tasks", "calls_per_s": 9.0},
+        {"row": "lat1k", "label": "latency at 1,000 calls/s", "error": "the consumer ran 0"},
+    ]}
+    assert measurements(bench) == [
+        Measurement("pmq", "pmq, aexecute from 1,000 tasks", None, 9.0),
+        Measurement("pmq", "pmq", 1000.0, None, problem="failed: the consumer ran 0"),
+    ]
+    with pytest.raises(ValueError, match="kind 'journal'"):
+        measurements({"kind": "journal", "results": []})
+
+
+def test_bench_from_json_draws_a_saved_run(tmp_path: Path) -> None:
+    """``pmq bench --from-json RUN.json --plot F.png`` draws a saved run; bad uses are refused."""
+    pytest.importorskip("matplotlib", reason="the plot extra: pip install 'pmq[plot]'")
+    saved = tmp_path / "remote.json"
+    saved.write_text(json.dumps(COMPARISON))
+    picture = tmp_path / "performance.png"
+    command = [sys.executable, "-m", "pmq", "bench", "--", "--from-json", str(saved)]
+    result = subprocess.run([*command, "--plot", str(picture)], capture_output=True, text=True,
+                            timeout=RUN_LIMIT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == f"plot saved to {picture}"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    usage = subprocess.run(command, capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    assert usage.returncode == 2 and "give --plot FILE.png too" in usage.stderr
+    saved.write_text(json.dumps({"kind": "journal", "results": []}))
+    refused = subprocess.run([*command, "--plot", str(tmp_path / "no.png")],
+                             capture_output=True, text=True, timeout=RUN_LIMIT_S)
+    assert refused.returncode == 1 and "no plot: not a benchmark result" in refused.stdout
+    assert not (tmp_path / "no.png").exists()
+
+
 # ---- the verdict on doctored files ------------------------------------------------------------
 
 

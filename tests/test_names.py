@@ -14,9 +14,11 @@ from pmq._names import (
     MAX_CAGE_NAME_CHARS,
     MAX_CALL_ID_CHARS,
     MAX_IDENTIFIER_CHARS,
+    RESERVED_MODULE,
     check_cage_name,
     check_call_id,
     check_identifier,
+    check_module_name,
     parse_target,
 )
 
@@ -124,6 +126,20 @@ def test_identifier_of_wrong_type_is_a_type_error() -> None:
     """A module name that is not a str raises TypeError naming the kind and the type."""
     with pytest.raises(TypeError, match="a method name must be a str, not int"):
         check_identifier("method", 3)  # type: ignore[arg-type]
+
+
+def test_pmq_is_a_valid_identifier_but_no_module_a_cage_may_expose() -> None:
+    """``pmq`` passes ``check_identifier`` (the wire carries pmq.status) but not
+    ``check_module_name``; other module names pass both, and bad ones fail both alike."""
+    assert RESERVED_MODULE == "pmq"
+    assert check_identifier("module", "pmq") == "pmq"
+    with pytest.raises(ValueError, match=r"invalid module name 'pmq': it is reserved"):
+        check_module_name("pmq")
+    assert check_module_name("pmq2") == "pmq2"
+    with pytest.raises(ValueError, match="start with '_'"):
+        check_module_name("_pmq")
+    with pytest.raises(TypeError):
+        check_module_name(b"pmq")  # type: ignore[arg-type]
 
 
 # ---- targets ----------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ consumer's handler records ``now - sent`` and counts distinct call ids
 call run on the consumer); latency p50/p99 is ``now - sent`` at the handler.
 
 Owns: the rows, their worker roles (this module again with the hidden ``--role``), the progress
-bar, the table, the JSON and the optional plot, and the small process helpers that pmq._demo
-uses too (worker lines, ports, tables, the scratch directory). Must not: compare with other
-systems (that is bench/compare_remote.py) or use pmq's internals (workers use the public API
-only).
+bar, the table, the JSON, and the small process helpers that pmq._demo uses too (worker lines,
+ports, tables, the scratch directory). The picture (``--plot``, and ``--from-json`` to redraw a
+saved run, this command's or bench/compare_remote.py's) is drawn by pmq._plot. Must not: measure
+other systems (that is bench/compare_remote.py) or use pmq's internals (workers use the public
+API only).
 
 Invariants: a row counts as measured only when the consumer ran exactly the calls the producer
 made (duplicates are counted apart); a row that fails says why in the table, and the exit status
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import pmq
+from pmq._plot import plot
 
 HOST = "127.0.0.1"
 BATCH = 1_000  # calls per transaction
@@ -509,41 +511,6 @@ def _table(results: list[dict[str, Any]]) -> str:
                         "lrrrrrl")
 
 
-def _plot(results: list[dict[str, Any]], path: str) -> str:
-    """Draw throughput and latency bars into ``path``; say what happened."""
-    try:
-        matplotlib = importlib.import_module("matplotlib")
-        matplotlib.use("Agg")
-        pyplot = importlib.import_module("matplotlib.pyplot")
-    except ImportError:
-        return "no plot: matplotlib is not installed (pip install matplotlib)"
-    try:
-        _draw(pyplot, results, path)
-    except (OSError, ValueError, RuntimeError) as exc:  # the table is the result: never fail
-        return f"no plot: {exc}"
-    return f"plot saved to {path}"
-
-
-def _draw(pyplot: Any, results: list[dict[str, Any]], path: str) -> None:
-    good = [r for r in results if not r.get("error")]
-    throughput = [r for r in good if r["offered_per_s"] is None]
-    latency = [r for r in good if r["offered_per_s"] is not None]
-    figure, (left, right) = pyplot.subplots(1, 2, figsize=(11, 4))
-    left.bar([r["label"].replace("throughput, ", "") for r in throughput],
-             [r["calls_per_s"] for r in throughput], color="tab:blue")
-    left.set_title("throughput (calls/s)")
-    names = [f"{r['offered_per_s']:,.0f}/s" for r in latency]
-    positions = range(len(latency))
-    right.bar([p - 0.2 for p in positions], [r["p50_ms"] for r in latency], 0.4, label="p50")
-    right.bar([p + 0.2 for p in positions], [r["p99_ms"] for r in latency], 0.4, label="p99")
-    right.set_xticks(list(positions), names)
-    right.set_title("latency (ms)")
-    right.legend()
-    figure.suptitle(f"pmq {pmq.__version__}: two cage processes on {HOST}, fsync on both")
-    figure.tight_layout()
-    figure.savefig(path)
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pmq bench", description="Queued calls end to end between two local cage "
@@ -554,13 +521,20 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS,
                         help=f"length of each latency row (default {DEFAULT_SECONDS:g})")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    parser.add_argument("--plot", metavar="FILE.png", help="draw the results (needs matplotlib)")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help='draw the results (needs matplotlib: pip install "pmq[plot]")')
+    parser.add_argument("--from-json", metavar="FILE",
+                        help="measure nothing: draw the run saved in FILE (by --json, or by "
+                             "bench/compare_remote.py, which measures other systems too) "
+                             "with --plot")
     parser.add_argument("--dir", help="where to make the scratch directory")
     parser.add_argument("--role", choices=("producer", "consumer"), help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.calls < 1 or args.seconds <= 0:
         parser.error("--calls and --seconds must be positive")
+    if args.from_json and not args.plot:
+        parser.error("--from-json draws a saved run: give --plot FILE.png too")
     return args
 
 
@@ -580,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
                          daemon=True).start()
         plan = Plan(**json.loads(args.plan))
         return _consumer(plan, stop) if args.role == "consumer" else _producer(plan, stop)
+    if args.from_json:
+        return _replot(args.from_json, args.plot)
     base = Path(args.dir) if args.dir else scratch_base()
     base.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pmq-bench-", dir=base))
@@ -604,16 +580,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{r['label']} FAILED:\n{r['error']}")
     print(f"\ncalls/s: calls / (first call made -> last call run on the consumer); latency: "
           f"handler start - call made.\n{time.monotonic() - started:.1f} s in all.")
+    report = {"kind": "pmq-bench", "created": time.time(), "args": vars(args),
+              "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                          "platform": platform.platform(), "fs": fs_type(work)},
+              "results": results}
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"kind": "pmq-bench", "created": time.time(), "args": vars(args),
-                       "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                   "platform": platform.platform(), "fs": fs_type(work)},
-                       "results": results}, out, indent=2)
+            json.dump(report, out, indent=2)
         print(f"results saved to {args.json}")
     if args.plot:
-        print(_plot(results, args.plot))
+        print(plot(report, args.plot))
     return 1 if any(r.get("error") for r in results) else 0
+
+
+def _replot(source: str, path: str) -> int:
+    """``--from-json``: draw a saved run (of this command or of bench/compare_remote.py)."""
+    try:
+        with open(source, encoding="utf-8") as file:
+            report = json.load(file)
+    except (OSError, ValueError) as exc:
+        print(f"pmq bench: cannot read {source}: {exc}", file=sys.stderr)
+        return 1
+    message = plot(report, path) if isinstance(report, dict) else "no plot: not a JSON object"
+    print(message)
+    return 0 if message.startswith("plot saved") else 1
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pmq._names import check_cage_name, check_identifier, parse_target
+from pmq._names import check_cage_name, check_module_name, parse_target
 
 __all__ = [
     "DEFAULT_POLICY_NAME",
@@ -487,7 +487,7 @@ def _convert_expose(value: object, path: Path) -> dict[str, str]:
         raise TypeError(f"must be a table of module name = 'package.module', not {_kind_of(value)}")
     expose: dict[str, str] = {}
     for name, target in value.items():
-        check_identifier("module", name)
+        check_module_name(name)
         text = _string(target, f"a string 'package.module[:attribute]' (module {name!r})")
         if _IMPORT_PATH.fullmatch(text) is None:
             raise ValueError(

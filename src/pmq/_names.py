@@ -12,6 +12,9 @@ Invariants:
   every file system, with no Unicode normalisation or look-alike characters involved.
 - ``loopback`` is reserved: ``"loopback_queue"`` always means the calling cage itself, so no cage
   may be named ``loopback`` (a peer of that name could never be reached by a queued call).
+- ``pmq`` is reserved as a module name (``RESERVED_MODULE``): every cage answers the synchronous
+  call ``pmq.status`` itself (``pmq status --connect``), so no cage may expose a module of that
+  name. It stays a valid identifier (``check_identifier``): the wire carries it.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ __all__ = [
     "MAX_CALL_ID_CHARS",
     "MAX_IDENTIFIER_CHARS",
     "QUEUE_SUFFIX",
+    "RESERVED_MODULE",
     "check_cage_name",
     "check_call_id",
     "check_identifier",
+    "check_module_name",
     "parse_target",
 ]
 
@@ -35,6 +40,8 @@ __all__ = [
 QUEUE_SUFFIX = "_queue"
 #: The target name of the calling cage itself, as in ``"loopback_queue"``.
 LOOPBACK = "loopback"
+#: The module of pmq's own methods, which every cage answers itself (``pmq.status``).
+RESERVED_MODULE = "pmq"
 MAX_CAGE_NAME_CHARS = 32
 #: Module and method names; far above any real name, low enough to keep frames and logs sane.
 MAX_IDENTIFIER_CHARS = 128
@@ -137,6 +144,30 @@ def check_identifier(kind: str, name: str) -> str:
     if keyword.iskeyword(name):
         raise ValueError(f"invalid {kind} name {name!r}: it is a Python keyword; {rule}")
     raise ValueError(f"invalid {kind} name {_shown(name)}: {rule}")
+
+
+def check_module_name(name: str) -> str:
+    """Check that ``name`` can name a module a cage exposes (``cage.expose(name, obj)``).
+
+    Args:
+        name: the proposed module name, e.g. ``"accounts"``.
+
+    Returns:
+        ``name``, unchanged.
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: ``name`` breaks the rule of ``check_identifier``, or is the reserved
+            ``"pmq"`` (``RESERVED_MODULE``), the module of pmq's own methods.
+    """
+    check_identifier("module", name)
+    if name == RESERVED_MODULE:
+        raise ValueError(
+            f"invalid module name {name!r}: it is reserved for pmq's own methods "
+            f"({RESERVED_MODULE}.status answers `pmq status --connect`); expose it under "
+            f"another name"
+        )
+    return name
 
 
 def parse_target(name: str) -> tuple[str, bool]:

@@ -27,11 +27,12 @@ from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 from pmq import protocol
+from pmq._admin import serve_builtin
 from pmq._calls import CallStatus, DeadLetter, NewCall
 from pmq._coalesce import Coalescer
 from pmq._codec import pack_call_arguments, unpack_arguments
 from pmq._config import QueuePolicy, load_config, parse_address, policies_from
-from pmq._names import check_cage_name, check_call_id
+from pmq._names import RESERVED_MODULE, check_cage_name, check_call_id, check_module_name
 from pmq.dispatch import Dispatcher, Registry, current_cage, current_call, serve_request
 from pmq.errors import JournalError, JournalFailed, ProtocolError, QueueFull, Timeout
 from pmq.proxy import MethodRef, Proxy, Target
@@ -118,7 +119,7 @@ class Cage:
         self.segment_bytes = segment_bytes
         self.registry = Registry()
         for module, obj in (expose or {}).items():
-            self.registry.expose(module, obj)
+            self.expose(module, obj)
         self.store: Store | None = None
         self.dispatcher: Dispatcher | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -156,8 +157,8 @@ class Cage:
 
     def expose(self, name: str, obj: object, to: list[str] | None = None) -> None:
         """Make `obj`'s public callables callable as `name.x` by this cage and other cages
-        (only the cages named in `to`, when it is given)."""
-        self.registry.expose(name, obj, to)
+        (only the cages named in `to`, when it is given). ``pmq`` is reserved (pmq.status)."""
+        self.registry.expose(check_module_name(name), obj, to)
 
     def policy(self, queue: str) -> QueuePolicy:
         """The policy of `queue`: its own entry in `queues`, else "default", else defaults."""
@@ -233,8 +234,9 @@ class Cage:
             name, store.journal.journal_id, store, listen=self.listen, peers=self.peers,
             secret=self.secret, tls_server=self.tls_server, tls_client=self.tls_client,
             refuse=lambda source, module, method: registry.refusal(source, module, method, name),
-            serve=lambda source, module, method, arguments: serve_request(
-                registry, self, source, module, method, arguments),
+            serve=lambda source, module, method, arguments: (
+                serve_builtin(self, source, method, arguments) if module == RESERVED_MODULE
+                else serve_request(registry, self, source, module, method, arguments)),
             accepted=self.dispatcher.notify)
         await self.transport.start()
 
@@ -649,6 +651,7 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
 
 def _finish(loop: asyncio.AbstractEventLoop) -> None:
     """Close a cage's own loop as asyncio.run would: cancel what is left (a connection being

@@ -774,6 +774,96 @@ class Store:
         finally:
             self.journal.close()
 
+    # ---- inspection (pmq CLI) ----
+    # Read-only answers for `pmq status` and `pmq dead` (on a stopped cage's directory) and for
+    # the built-in `pmq.status` (a running cage): they hand nothing out and let no cached payload
+    # go, so asking never changes what the cage does next.
+
+    def queue_report(self) -> list[dict[str, Any]]:
+        """Every queue that holds calls or dead letters, with what ``pmq status`` shows of it.
+
+        Reads at most one record per queue back from the journal (the head's, when it is not
+        cached); holds the lock meanwhile, as ``take`` does.
+
+        Returns:
+            One dict per queue and direction, sorted by (outbound, name): ``queue``,
+            ``outbound``, ``pending`` (waiting + handed out, as ``pending()``), ``in_flight``
+            (handed out: running or waiting out a retry delay; outbound: sent, not yet
+            acknowledged), ``dead`` (its dead letters) and ``oldest_created`` (when the oldest
+            of the calls handed out and the head of the queue was made, by the clock of the
+            cage that made it; None when nothing is pending).
+
+        Raises:
+            JournalCorruption: the head's record cannot be read back.
+        """
+        now = time.time()
+        with self._lock:
+            dead: dict[tuple[str, bool], int] = {}
+            for entry in self._dead.values():
+                dead[(entry[0], entry[1])] = dead.get((entry[0], entry[1]), 0) + 1
+            oldest: dict[tuple[str, bool], float] = {}
+            for call in self._taken.values():
+                route = (call.queue, call.outbound)
+                oldest[route] = min(oldest.get(route, call.created), call.created)
+            report = []
+            for route in sorted({*self._queues, *dead}, key=lambda r: (r[1], r[0])):
+                queue = self._queues.get(route)
+                waiting = len(queue.pending) if queue is not None else 0
+                taken = queue.taken if queue is not None else 0
+                first = oldest.get(route)
+                if queue is not None and waiting:
+                    head = queue.pending[0] if queue.sorted else min(queue.pending)
+                    created = self._created_of(head, now)
+                    first = created if first is None else min(first, created)
+                report.append({"queue": route[0], "outbound": route[1],
+                               "pending": waiting + taken, "in_flight": taken,
+                               "dead": dead.get(route, 0), "oldest_created": first})
+        return report
+
+    def _created_of(self, key: int, now: float) -> float:
+        """When the pending call `key` was made, from its record, leaving the cache as it is
+        (under _lock); `now` for a record not written yet (a call made a moment ago)."""
+        record = self._cache.get(key)
+        if record is None:
+            seq = self._moved.get(key, key)
+            for _, payload in self.journal.replay(seq, seq + 1):
+                record = msgpack.unpackb(payload, raw=False, use_list=False)
+        return now if record is None else float(record[9])
+
+    def dead_letter_call(self, call_id: str, source: str | None = None) -> dict[str, Any]:
+        """What the record of the dead letter `call_id` holds beyond ``dead_letters()``.
+
+        Returns:
+            ``user_id`` (None for a call made without ``id=``), ``arguments`` (the packed bytes,
+            for ``pmq._codec.unpack_arguments``), ``deadline`` (None for none), ``created`` and
+            ``outbound`` (whether it was on its way to a peer).
+
+        Raises:
+            KeyError: `call_id` is not a dead letter.
+            ValueError: the id was given by several source cages; say which with `source`.
+        """
+        with self._lock:
+            key = self._dead_key(call_id, source)
+            fields = self._payloads([key])[key]  # dead letters are never cached
+            outbound = bool(self._dead[key][1])
+        return {"user_id": fields[4], "arguments": fields[7], "deadline": fields[8],
+                "created": fields[9], "outbound": outbound}
+
+    def recorded_name(self) -> str | None:
+        """The name of the cage this directory belongs to, as its dead letters record it: the
+        source of a dead call it made itself (to itself or to a peer). None when no dead letter
+        says (the directory records its cage's name nowhere else)."""
+        with self._lock:
+            keys = sorted(self._dead)
+            records = self._payloads(keys)  # dead letters are never cached
+            for key in keys:
+                queue, outbound = self._dead[key][0], self._dead[key][1]
+                source = records[key][10]
+                # Calls accepted from cage S wait in "S_queue" (accept); the rest were made here.
+                if outbound or queue != f"{source}_queue":
+                    return str(source)
+        return None
+
 
 def _runs(seqs: list[int], gap: int) -> list[list[int]]:
     runs: list[list[int]] = []
