@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from pmq._calls import NewCall
+from pmq._loops import running_loop
 from pmq.errors import QueueFull
 from pmq.store import Store
 
@@ -54,11 +55,10 @@ class Coalescer:
 
     def submit(self, call: NewCall) -> asyncio.Future[str]:
         """A future of the call's id, completed once the call is durable."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = running_loop()
+        if loop is None:
             raise RuntimeError("cage.aexecute is for coroutines running in an event loop; "
-                               "from plain code use cage.execute") from None
+                               "from plain code use cage.execute")
         batch = self._open.get(loop)
         if batch is None:
             batch = self._open[loop] = ([], [])

@@ -32,6 +32,7 @@ from pmq._calls import CallStatus, DeadLetter, NewCall
 from pmq._coalesce import Coalescer
 from pmq._codec import pack_call_arguments, unpack_arguments
 from pmq._config import QueuePolicy, load_config, parse_address, policies_from
+from pmq._loops import running_loop
 from pmq._names import RESERVED_MODULE, check_cage_name, check_call_id, check_module_name
 from pmq.dispatch import Dispatcher, Registry, current_cage, current_call, serve_request
 from pmq.errors import JournalError, JournalFailed, ProtocolError, QueueFull, Timeout
@@ -602,11 +603,7 @@ class Transaction:
             self._cage._notify()
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+_running_loop = running_loop
 
 
 def _import(target: str) -> object:

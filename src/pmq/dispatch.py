@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from pmq._calls import StoredCall
 from pmq._codec import pack_arguments, unpack_arguments
 from pmq._config import QueuePolicy
+from pmq._loops import running_loop
 from pmq._names import check_cage_name, check_identifier
 from pmq.errors import Reject, Retry
 from pmq.store import Store
@@ -559,8 +560,4 @@ def _classify(run: _Run, exc: BaseException) -> None:
         run.error = "".join(traceback.format_exception(exc))
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+_running_loop = running_loop

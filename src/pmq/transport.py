@@ -32,6 +32,7 @@ from typing import Any
 
 from pmq import protocol
 from pmq._calls import StoredCall
+from pmq._loops import running_loop
 from pmq.errors import (
     AuthenticationError,
     JournalFailed,
@@ -178,11 +179,7 @@ class Transport:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
+        if running_loop() is loop:
             self._wake_all()
         else:
             loop.call_soon_threadsafe(self._wake_all)
