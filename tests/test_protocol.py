@@ -33,6 +33,7 @@ from pmq.errors import AuthenticationError, LocalProtocolError, RemoteProtocolEr
 from pmq.protocol import (
     DEFAULT_WINDOW_BYTES,
     DEFAULT_WINDOW_CALLS,
+    HANDSHAKE_MAX_FRAME_BYTES,
     MAX_CONCURRENT_REQUESTS,
     MAX_REFUSED,
     MAX_STR_CHARS,
@@ -388,6 +389,22 @@ def test_messages_before_established_are_refused(message: list[Any]) -> None:
     conn.receive_data(frame(hello(uses_secret=True)) + frame(message))
     with pytest.raises(RemoteProtocolError, match="before the handshake completed"):
         conn.next_event()
+
+
+def test_a_big_frame_before_the_handshake_is_refused_on_its_header() -> None:
+    """Until the handshake completes a frame may hold at most HANDSHAKE_MAX_FRAME_BYTES: a
+    stranger announcing more is refused on the 4 header bytes, before anything else arrives,
+    so it cannot make the cage wait for (and buffer) a 16 MiB frame."""
+    conn = server(secret=SECRET)
+    conn.initiate()
+    conn.receive_data((HANDSHAKE_MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
+    with pytest.raises(RemoteProtocolError, match="before the handshake completed"):
+        conn.next_event()
+    # The same size after the handshake is an ordinary frame.
+    pair = open_pair()
+    memo = "x" * HANDSHAKE_MAX_FRAME_BYTES
+    got = pair.send(pair.client, Batch(0, [WireCall(1, "m", "f", memo.encode(), None, None, 1.0)]))
+    assert [len(event.calls) for event in got if isinstance(event, Batch)] == [1]
 
 
 def test_goodbye_during_the_handshake_is_delivered() -> None:

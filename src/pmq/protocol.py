@@ -33,7 +33,8 @@ Invariants:
   ``LocalProtocolError`` and changes nothing. Outgoing messages pass the very checks incoming
   ones do, so what ``send`` accepts the peer's ``next_event`` accepts (given the same
   ``max_frame_bytes`` on both ends: the limit is not told in HELLO).
-- A frame's length is judged on its 4 header bytes, before its body is waited for; every length
+- A frame's length is judged on its 4 header bytes, before its body is waited for (and until
+  the handshake completes, against ``HANDSHAKE_MAX_FRAME_BYTES``); every length
   msgpack honours inside a body (``pmq._wire.decode``) is bounded by the body's size and its
   nesting by msgpack's fixed stack, so no input makes this module allocate or recurse without
   bound.
@@ -112,6 +113,9 @@ __all__ = [
 PROTOCOL_VERSION = 1
 _MIB = 1024 * 1024
 DEFAULT_MAX_FRAME_BYTES = 16 * _MIB
+#: Until the handshake completes, a frame may be no bigger: a HELLO takes about 110 bytes and a
+#: GOODBYE's reason a few hundred, and a stranger must not make us wait for (and buffer) 16 MiB.
+HANDSHAKE_MAX_FRAME_BYTES = 8 * 1024
 #: How many calls, and how many bytes of their arguments, a peer may send before our ACK.
 DEFAULT_WINDOW_CALLS = 8192
 DEFAULT_WINDOW_BYTES = 16 * _MIB
@@ -498,6 +502,11 @@ class Connection:
                         raise Invalid(
                             f"frame of {size} bytes announced; "
                             f"a frame body is 1 .. {self.max_frame_bytes} bytes"
+                        )
+                    if size > HANDSHAKE_MAX_FRAME_BYTES and not self._established:
+                        raise Invalid(
+                            f"frame of {size} bytes announced before the handshake completed; "
+                            f"until then a frame body is 1 .. {HANDSHAKE_MAX_FRAME_BYTES} bytes"
                         )
                     if available >= 4 + size:
                         self._start = start + 4 + size
