@@ -52,6 +52,7 @@ BATCH_CALLS = 512  # calls started per round (one ATTEMPT record and fsync)
 # the difference (docs/decisions.md, "Callers before handlers").
 CALLING_BATCH_CALLS = 64
 QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
+REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches of up to this
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
 
 
@@ -239,6 +240,15 @@ class Dispatcher:
         if first:
             self._wake_loop()
 
+    def _report_many(self, runs: list[_Run]) -> None:
+        """``_report`` for a worker's batch of quick handlers: one lock, one wake-up."""
+        with self._results_lock:
+            self._results += runs
+            first = not self._signalled
+            self._signalled = True
+        if first:
+            self._wake_loop()
+
     def _wake_loop(self) -> None:
         loop = self._loop
         if loop is None or self._wake is None:
@@ -407,12 +417,23 @@ class Dispatcher:
         _current_cage.set(self._cage)
 
     def _work(self) -> None:
-        """A worker thread: run plain handlers, one call at a time, until none are waiting."""
+        """A worker thread: run plain handlers, one call at a time, until none are waiting.
+
+        Outcomes of quick handlers are reported in batches (up to REPORT_CALLS, and always
+        before the worker waits for more), so a batch of them costs one lock and one wake-up of
+        the event loop; a slow handler's outcome is reported at once.
+        """
         jobs = self._jobs
+        finished: list[_Run] = []
+        _current_cage.set(self._cage)  # this thread's context: one cage for its whole life
+        perf_counter = time.perf_counter
         while True:
             try:
                 run = jobs.popleft()
             except IndexError:
+                if finished:
+                    self._report_many(finished)
+                    finished = []
                 with self._jobs_ready:
                     while not jobs and not self._workers_stop:
                         self._jobs_ready.wait()
@@ -420,8 +441,7 @@ class Dispatcher:
                         return
                 continue
             token = _current.set(run)
-            cage_token = _current_cage.set(self._cage)
-            started = time.perf_counter()
+            started = perf_counter()
             try:
                 args, kwargs = unpack_arguments(run.call.arguments)
                 run.handler(*args, **kwargs)
@@ -430,9 +450,12 @@ class Dispatcher:
                 _classify(run, exc)
             finally:
                 _current.reset(token)
-                _current_cage.reset(cage_token)
-            self._handler_seconds += (time.perf_counter() - started - self._handler_seconds) / 16
-            self._report(run)
+            took = perf_counter() - started
+            self._handler_seconds += (took - self._handler_seconds) / 16
+            finished.append(run)
+            if took >= QUICK_HANDLER_SECONDS or len(finished) >= REPORT_CALLS or not jobs:
+                self._report_many(finished)
+                finished = []
 
     async def _run_async(self, run: _Run) -> None:
         try:

@@ -307,13 +307,15 @@ class Store:
             if not keys:
                 return []
             records = self._payloads(keys)
-            calls = []
+            calls: list[StoredCall] = []
+            append = calls.append
+            taken, attempts, crashes = self._taken, self._attempts, self._crashes
+            id_of = self._id_of
             for key in keys:
                 fields = records[key]
-                call = StoredCall(key, self._id_of(fields, key), fields,
-                                  self._attempts.get(key, 0), self._crashes.get(key, 0))
-                self._taken[key] = call
-                calls.append(call)
+                taken[key] = call = StoredCall(key, id_of(fields, key), fields,
+                                               attempts.get(key, 0), crashes.get(key, 0))
+                append(call)
             queue.taken += len(calls)
             return calls
 
@@ -368,11 +370,30 @@ class Store:
         with self._lock:
             if done:
                 freed: dict[str, int] = {}
+                # _forget and _completed, spelled out: this loop runs for every call executed.
+                taken, queues, cache, moved = self._taken, self._queues, self._cache, self._moved
+                attempts, crashes, opened = self._attempts, self._crashes, self._open
+                recent, user_calls = self._recent, self._user_calls
+                cache_freed = 0
                 for call in done:
-                    self._forget(call)
-                    self._completed(call.key, call.outbound)
+                    key = call.key
+                    if taken.pop(key, None) is not None:
+                        queues[(call.queue, call.outbound)].taken -= 1
+                    attempts.pop(key, None)
+                    crashes.pop(key, None)
+                    opened.pop(key, None)
+                    moved.pop(key, None)
+                    record = cache.pop(key, None)
+                    if record is not None:
+                        cache_freed += len(record[7]) + CACHE_OVERHEAD_BYTES
+                    recent[key] = call.outbound
+                    if user_calls:
+                        self._completed_user_call(key, call.outbound)
                     if call.outbound:
                         freed[call.queue] = freed.get(call.queue, 0) + len(call.arguments)
+                self._cache_bytes -= cache_freed
+                if len(recent) > RECENT_DONE + RECENT_DONE // 4:
+                    self._trim_recent()
                 for name, size in freed.items():
                     self._queues[(name, True)].bytes -= size
                 seq = self._append([K_DONE, [c.key for c in done],
@@ -418,12 +439,19 @@ class Store:
         recent = self._recent
         recent[key] = outbound
         if len(recent) > RECENT_DONE + RECENT_DONE // 4:
-            self._recent = dict(itertools.islice(recent.items(), len(recent) - RECENT_DONE, None))
+            self._trim_recent()
+        self._completed_user_call(key, outbound)
+
+    def _completed_user_call(self, key: int, outbound: bool) -> None:
         ident = self._user_calls.pop(key, None)
         if ident is not None:
             entry = self._ids.get(ident)
             if entry is not None and entry[0] == key:
                 entry[2] = TRANSMITTED if outbound else True
+
+    def _trim_recent(self) -> None:
+        recent = self._recent
+        self._recent = dict(itertools.islice(recent.items(), len(recent) - RECENT_DONE, None))
 
     def _untake(self, call: StoredCall) -> None:
         if self._taken.pop(call.key, None) is not None:
