@@ -51,6 +51,10 @@ BATCH_CALLS = 512  # calls started per round (one ATTEMPT record and fsync)
 # for nobody, so when both compete for the GIL, making calls goes first and the queue absorbs
 # the difference (docs/decisions.md, "Callers before handlers").
 CALLING_BATCH_CALLS = 64
+# ... and its ATTEMPT record (and the DONE of finished calls) waits this long before asking for
+# an fsync of its own: the callers' next commit most likely carries it, so a lone caller pays one
+# fsync per call instead of taking turns with the dispatcher's.
+CALLING_SYNC_DELAY_S = 0.001
 QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
 REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches of up to this
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
@@ -218,6 +222,7 @@ class Dispatcher:
         self._stopping = False
         self._random = random.Random()
         self._enqueued = 0  # the store's count of calls made, at the previous round
+        self._calling = False  # calls were made in this process since the previous round
         self.counters = dict.fromkeys(("executed", "failed", "retried", "rejected", "expired",
                                        "not_exposed", "too_many_attempts", "crashed"), 0)
 
@@ -333,7 +338,8 @@ class Dispatcher:
         runs: list[_Run] = []
         buried = self.counters_buried
         enqueued = self.store.counters["enqueued"]
-        budget = BATCH_CALLS if enqueued == self._enqueued else CALLING_BATCH_CALLS
+        self._calling = enqueued != self._enqueued
+        budget = CALLING_BATCH_CALLS if self._calling else BATCH_CALLS
         self._enqueued = enqueued
         while self._retries and self._retries[0][0] <= now:
             _, _, call = heapq.heappop(self._retries)
@@ -368,6 +374,8 @@ class Dispatcher:
         if not runs:
             return self.counters_buried - buried
         seq = self.store.begin_attempts([run.call for run in runs])
+        if self._calling:
+            await asyncio.sleep(CALLING_SYNC_DELAY_S)  # a caller's commit may carry it
         await self.store.journal.sync_async(seq)  # the attempt is on disk before it runs
         plain = 0
         for run in runs:
@@ -518,7 +526,17 @@ class Dispatcher:
             # Have the outcome written now rather than with whatever commit comes next: an
             # idle cage would otherwise keep completions in memory, and a crash would run
             # those calls again. Under load this fsync merges with the others (group commit).
-            self.store.journal.sync_async(seq).add_done_callback(_consume)
+            if self._calling:  # a caller's commit may carry it first
+                self._loop.call_later(CALLING_SYNC_DELAY_S, self._sync_soon, seq)  # type: ignore[union-attr]
+            else:
+                self._sync_soon(seq)
+
+    def _sync_soon(self, seq: int) -> None:
+        """Have the journal made durable up to `seq` now (a no-op when it already is)."""
+        journal = self.store.journal
+        if journal.closed:  # the cage stopped meanwhile: closing made everything durable
+            return
+        journal.sync_async(seq).add_done_callback(_consume)
 
     def _bury(self, call: StoredCall, reason: str, detail: str) -> None:
         self.counters_buried += 1
