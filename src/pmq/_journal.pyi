@@ -18,6 +18,7 @@ RECORD_HEADER_BYTES: int
 DEFAULT_SEGMENT_BYTES: int
 MIN_SEGMENT_BYTES: int
 MAX_SEGMENT_BYTES: int
+MARK_BYTES: int  # replay() remembers where a frame starts once per this many bytes
 
 class SegmentInfo(NamedTuple):
     path: str
