@@ -60,6 +60,9 @@ REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches 
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
 
 
+_tuple_new = tuple.__new__
+
+
 class CallInfo(NamedTuple):
     """What a handler may know about the call it is running (``pmq.current_call()``)."""
 
@@ -170,8 +173,10 @@ class _Run:
         ask, and a few hundred nanoseconds per call show at 100,000 calls a second)."""
         if self._info is None:
             call = self.call
-            self._info = CallInfo(call.call_id, call.user_id, call.attempt, call.created,
-                                  self.first, call.deadline, call.source, call.queue)
+            # tuple.__new__ skips the NamedTuple's Python-level __new__ (half a µs a call).
+            self._info = _tuple_new(CallInfo, (call.call_id, call.user_id, call.attempt,
+                                               call.created, self.first, call.deadline,
+                                               call.source, call.queue))
         return self._info
 
 
