@@ -339,6 +339,11 @@ class StoreMachine(RuleBasedStateMachine):
         call = data.draw(st.sampled_from(self._addressable_dead()), label="purge")
         self.store.purge(call.call_id)
         call.state = "purged"
+        if any(c.call_id == call.call_id for c in self._with("dead")):
+            # Another cage's call with the same user id is dead too: an id without a source
+            # names it now (the store looks for this cage's own ids first, then any cage's).
+            event("purge left a dead letter of another cage with the same id")
+            return
         with pytest.raises(KeyError):
             self.store.purge(call.call_id)
         with pytest.raises(KeyError):
@@ -403,8 +408,10 @@ class StoreMachine(RuleBasedStateMachine):
             return
         got = [(d.call_id, d.queue, d.module, d.method, d.reason, d.detail, d.attempts)
                for d in self.store.dead_letters()]
+        # Oldest first means in key order, where a revived call to a peer (a copy under a new
+        # key) comes after every call made before its revival: the model's `order`.
         expected = [(c.call_id, c.queue, "mod", c.method, c.reason, c.detail, c.dead_attempts)
-                    for c in self._with("dead")]
+                    for c in sorted(self._with("dead"), key=lambda c: c.order)]
         assert got == expected
         assert self.store.stats()["dead"] == len(expected)
 
