@@ -2,6 +2,8 @@
 
 Owns: what the child does and the two line formats the parent reads. Must not: decide pass or
 fail; the parent does that after it has SIGKILLed this process and drained the data directory.
+``report``, ``die`` and the runs file's writer (``RunsLog``) come from tests/crashkit.py, shared
+with transport_crash_workload.py.
 
 Run as ``python cage_crash_workload.py DATA_DIR RUNS_FILE LIFE MODE SEED``:
 - MODE ``work``: start the cage, then two producer threads make calls for ever: single calls,
@@ -29,9 +31,9 @@ import random
 import sys
 import threading
 import time
-import traceback
 
 import pmq
+from crashkit import RunsLog, die, report
 
 #: Give up on our own after this long, in case the parent died without killing us.
 MAX_LIFETIME_S = 120.0
@@ -40,48 +42,20 @@ POLICY = {"loopback_queue": {"concurrency": 4, "max_crashes": 1_000_000,
                              "retry_initial": 0.01, "retry_max": 0.05}}
 
 
-def report(line: str) -> None:
-    """One line to the parent, in one write (atomic on a pipe)."""
-    os.write(1, (line + "\n").encode())
-
-
-def die(message: str) -> None:
-    """Print the current exception and exit at once: the parent sees a non-SIGKILL exit."""
-    sys.stderr.write(message + "\n" + traceback.format_exc())
-    sys.stderr.flush()
-    os._exit(3)
-
-
-class Runs:
+class Runs(RunsLog):
     """The exposed module: a handler that leaves fsynced start and end lines."""
-
-    def __init__(self, path: str, life: int, seed: int) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.life = life
-        self.rng = random.Random(seed)
-        self.rng_lock = threading.Lock()
-
-    def _line(self, kind: str, tag: str) -> None:
-        info = pmq.current_call()
-        assert info is not None
-        os.write(self.fd, f"{kind} {self.life} {info.call_id} {info.attempt} {tag}\n".encode())
-        os.fsync(self.fd)
 
     def run(self, tag: str) -> None:
         """A plain call: start line, some work, end line."""
         self._line("start", tag)
-        with self.rng_lock:
-            work = self.rng.choice((0.0, 0.0, 0.001, 0.005, 0.02))
-        time.sleep(work)
+        time.sleep(self._pick((0.0, 0.0, 0.001, 0.005, 0.02)))
         self._line("end", tag)
 
     def parent(self, tag: str) -> None:
         """A call that queues a sub-step: retried, it must queue the step only once."""
         self._line("start", tag)
         pmq.execute.on("loopback_queue", id="step").runs.run(tag + "/step")
-        with self.rng_lock:
-            work = self.rng.choice((0.0, 0.002, 0.01))
-        time.sleep(work)
+        time.sleep(self._pick((0.0, 0.002, 0.01)))
         self._line("end", tag)
 
 

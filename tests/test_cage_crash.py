@@ -23,12 +23,12 @@ Checked after the drain (DESIGN.md §2):
 
 The seed is printed for every round (pytest shows it with a failure) and named in every
 assertion; set PMQ_CRASH_SEED to run the same kill schedule again (thread timing still differs).
+Starting and killing the children, reading the runs files and the checks shared with
+test_transport_crash.py are in tests/crashkit.py.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import random
 import signal
 import subprocess
@@ -42,10 +42,13 @@ from typing import IO
 
 import pytest
 
+import crashkit
+from crashkit import Run
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
 WORKLOAD = Path(__file__).with_name("cage_crash_workload.py")
-SEED = int(os.environ.get("PMQ_CRASH_SEED", random.SystemRandom().randrange(2**32)))
+SEED = crashkit.crash_seed()
 #: How long to wait for a child to get going or to drain: only a limit on a hang.
 START_LIMIT_S = 120.0
 
@@ -61,16 +64,6 @@ class Life:
     changed: threading.Condition = field(default_factory=threading.Condition)
     stderr: str = ""
     returncode: int | None = None
-
-
-@dataclass
-class Run:
-    """One execution of a call, from the runs file."""
-
-    life: int
-    attempt: int
-    tag: str
-    ended: bool = False
 
 
 def _read_lines(stream: IO[bytes], life: Life) -> None:
@@ -93,11 +86,8 @@ def run_life(directory: Path, runs_file: Path, number: int, mode: str,
              rng: random.Random) -> Life:
     """Run one child; in "work" mode SIGKILL it at a random moment, in "drain" let it finish."""
     stderr_path = runs_file.with_suffix(".stderr")
-    with open(stderr_path, "wb") as stderr:  # a file: a chatty child never blocks on a full pipe
-        child = subprocess.Popen(
-            [sys.executable, str(WORKLOAD), str(directory), str(runs_file), str(number), mode,
-             str(rng.randrange(2**31))],
-            stdout=subprocess.PIPE, stderr=stderr)
+    child = crashkit.spawn(WORKLOAD, [str(directory), str(runs_file), str(number), mode,
+                                      str(rng.randrange(2**31))], stderr_path)
     life = Life(number)
     assert child.stdout is not None
     reader = threading.Thread(target=_read_lines, args=(child.stdout, life), daemon=True)
@@ -121,76 +111,23 @@ def run_life(directory: Path, runs_file: Path, number: int, mode: str,
                         START_LIMIT_S)
                 time.sleep(rng.choice((0.0, 0.0, rng.uniform(0.0, 0.003),
                                        rng.uniform(0.0, 0.03))))
-            child.send_signal(signal.SIGKILL)
+            crashkit.sigkill(child)
         life.returncode = child.wait(timeout=START_LIMIT_S)
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
         reader.join(START_LIMIT_S)
-        life.stderr = stderr_path.read_text(errors="replace")[-20_000:]
+        life.stderr = crashkit.stderr_tail(stderr_path)
         child.stdout.close()
     return life
-
-
-def read_runs(files: list[Path], note: str) -> dict[str, list[Run]]:
-    """Call id -> its executions in the order they started, from each life's runs file in turn.
-
-    A SIGKILL can cut a line short (a write that straddles a page is not atomic against a
-    fatal signal), so a last line without its newline in a killed life's file is left out: that
-    run is treated as if the kill came just before the write.
-    """
-    runs: dict[str, list[Run]] = defaultdict(list)
-    for path in files:
-        text = path.read_text() if path.exists() else ""
-        lines = text.split("\n")
-        if lines[-1]:
-            assert path is not files[-1], f"{path.name} ends in a torn line; {note}"
-            print(f"torn last line in {path.name}: {lines[-1]!r}")
-        for line in lines[:-1]:
-            kind, life, call_id, attempt, tag = line.split(" ")
-            if kind == "start":
-                runs[call_id].append(Run(int(life), int(attempt), tag))
-                continue
-            assert kind == "end", f"bad line {line!r}; {note}"
-            matching = [r for r in runs[call_id]
-                        if (r.life, r.attempt, r.tag) == (int(life), int(attempt), tag)]
-            assert len(matching) == 1 and not matching[0].ended, (
-                f"end without its start: {line!r}; {note}")
-            matching[0].ended = True
-    return runs
 
 
 def check_round(lives: list[Life], runs: dict[str, list[Run]], note: str,
                 tally: dict[str, int]) -> None:
     """Assert the module docstring's promises for one drained directory."""
-    tried: set[str] = set()
-    made: dict[str, str] = {}  # tag -> the call id execute returned
-    groups: list[list[str]] = []  # transactions tried
-    for life in lives:
-        for line in life.lines:
-            word, _, rest = line.partition(" ")
-            if word == "try":
-                tried.add(rest)
-            elif word == "made":
-                tag, call_id = rest.split(" ")
-                made[tag] = call_id
-            elif word == "xa-try":
-                groups.append(rest.split(" "))
-                tried.update(groups[-1])
-            elif word == "xa":
-                for pair in rest.split(" "):
-                    tag, call_id = pair.split("=")
-                    made[tag] = call_id
-
-    ids_of_tag: dict[str, set[str]] = defaultdict(set)
-    for call_id, executions in runs.items():
-        tags = {r.tag for r in executions}
-        assert len(tags) == 1, f"call {call_id} ran as several tags {tags}; {note}"
-        ids_of_tag[tags.pop()].add(call_id)
-    for tag, call_ids in ids_of_tag.items():
-        assert len(call_ids) == 1, f"{tag} was stored as several calls {call_ids}; {note}"
-    ran = {tag: next(iter(ids)) for tag, ids in ids_of_tag.items()}
+    tried, made, groups = crashkit.read_reports(life.lines for life in lives)
+    ran = crashkit.ran_tags(runs, note)
 
     for tag in ran:
         if tag.endswith("/step"):
@@ -204,22 +141,12 @@ def check_round(lives: list[Life], runs: dict[str, list[Run]], note: str,
         assert tag in ran, f"{tag} ({call_id}) was acknowledged but never ran; {note}"
         assert ran[tag] == call_id, f"{tag} ran as {ran[tag]}, acknowledged as {call_id}; {note}"
 
-    for group in groups:
-        done = [tag for tag in group if tag in ran]
-        assert not done or len(done) == len(group), (
-            f"transaction {group} ran only {done}; {note}")
-        tally["transactions stored" if done else "transactions lost in a kill"] += 1
+    crashkit.check_transactions(groups, ran, note, tally)
 
     drain_life = lives[-1].number
     for call_id, executions in runs.items():
         assert executions[-1].ended, f"{call_id} never completed: {executions}; {note}"
-        for earlier, later in itertools.pairwise(executions):
-            assert earlier.life < later.life, (
-                f"{call_id} ran twice in life {later.life}: {executions}; {note}")
-            assert earlier.attempt < later.attempt, (
-                f"{call_id} ran again without a higher attempt: {executions}; {note}")
-            tally["re-run after a kill inside the handler" if not earlier.ended
-                  else "re-run after its completion was lost"] += 1
+        crashkit.check_reruns(call_id, executions, note, tally)
         for execution in executions:
             assert execution.ended or execution.life != drain_life, (
                 f"{call_id} did not end in the drain life: {executions}; {note}")
@@ -248,7 +175,7 @@ def run_round(tmp_path: Path, round_no: int, tally: dict[str, int]) -> None:
     lives.append(drain)
     assert drain.returncode == 0, f"the drain failed ({drain.returncode}); {note}:\n{drain.stderr}"
     assert "drained 0 0" in drain.lines, f"the drain left {drain.lines[-2:]}; {note}"
-    check_round(lives, read_runs(runs_files[1:], note), note, tally)
+    check_round(lives, crashkit.read_runs(runs_files[1:], note, begin="start"), note, tally)
 
 
 POISON_SCRIPT = """
@@ -309,7 +236,7 @@ def _run_rounds(tmp_path: Path, first: int, count: int) -> None:
     tally: dict[str, int] = defaultdict(int)
     for round_no in range(first, first + count):
         run_round(tmp_path, round_no, tally)
-    print(f"PMQ_CRASH_SEED={SEED}: " + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
+    print(f"PMQ_CRASH_SEED={SEED}: " + crashkit.format_tally(tally))
     assert tally["calls"] > 0, f"no call ran in {count} rounds; PMQ_CRASH_SEED={SEED}"
 
 

@@ -43,7 +43,9 @@ Checked at the end, over all rounds (DESIGN.md §2, §5):
 
 The seed is printed with every test (pytest shows it with a failure) and named in every
 assertion; set PMQ_CRASH_SEED to run the same kill schedule again (thread timing still differs).
-Each child's stderr is kept beside its data directories under pytest's tmp_path.
+Each child's stderr is kept beside its data directories under pytest's tmp_path. Starting and
+killing the children, reading b's runs files and the checks shared with test_cage_crash.py are in
+tests/crashkit.py.
 """
 
 from __future__ import annotations
@@ -69,14 +71,16 @@ from pathlib import Path
 import msgpack
 import pytest
 
+import crashkit
 from conftest import TORTURE, rounds
+from crashkit import Run
 from pmq._codec import unpack_arguments
 from pmq._format import read_journal
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGKILL")
 
 WORKLOAD = Path(__file__).with_name("transport_crash_workload.py")
-SEED = int(os.environ.get("PMQ_CRASH_SEED", random.SystemRandom().randrange(2**32)))
+SEED = crashkit.crash_seed()
 #: How long to wait for a child to get going, make progress or drain: only a limit on a hang.
 LIMIT_S = 180.0
 #: Rounds of kills: 10 in ``make test``; 300 in ``make torture``, in parts of PART_ROUNDS rounds,
@@ -146,7 +150,7 @@ class Life:
             self.changed.notify_all()
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")[-20_000:]
+        return crashkit.stderr_tail(self.stderr_path)
 
     def wait(self, predicate: Callable[[Life], bool], what: str, note: str) -> None:
         """Wait until `predicate(self)` holds; fail if the child died first or never gets there."""
@@ -169,8 +173,7 @@ class Life:
 
     def kill(self) -> None:
         """SIGKILL the child (if it still runs) and collect it."""
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(signal.SIGKILL)
+        crashkit.sigkill(self.process)
         self.finish()
 
     def finish(self) -> None:
@@ -212,13 +215,11 @@ class Pair:
         """Start the next life of cage `role` on its directory."""
         number = len(self.lives[role]) + 1
         stderr_path = self.root / f"{role}{number}.stderr"
-        args = [sys.executable, str(WORKLOAD), role, str(self.root / role), str(self.port),
-                str(number), str(self.rng.randrange(2**31))]
+        args = [role, str(self.root / role), str(self.port), str(number),
+                str(self.rng.randrange(2**31))]
         if role == "b":
             args.append(str(self.runs_file(number)))
-        with open(stderr_path, "wb") as stderr:  # a file: a chatty child never blocks on a pipe
-            process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                       stderr=stderr)
+        process = crashkit.spawn(WORKLOAD, args, stderr_path, stdin=True)
         life = Life(role, number, process, stderr_path, progressed=self.govern)
         with self.governor:
             self.lives[role].append(life)
@@ -431,9 +432,7 @@ def run_round(pair: Pair, round_no: int) -> None:
                         f"({time.monotonic() - started:.1f} s)")
     if len(victims) == 2:
         pair.rng.shuffle(victims)
-        first = getattr(pair, victims[0])
-        with contextlib.suppress(ProcessLookupError):
-            first.process.send_signal(signal.SIGKILL)
+        crashkit.sigkill(getattr(pair, victims[0]).process)
         time.sleep(pair.rng.choice((0.0, pair.rng.uniform(0.0, 0.003),
                                     pair.rng.uniform(0.0, 0.05))))
     for role in victims:
@@ -485,43 +484,11 @@ def stop_life(life: Life, note: str) -> None:
         f" {note}:\n{life.stderr()}")
 
 
-@dataclass
-class Run:
-    """One execution of a call on b, from b's runs files."""
-
-    life: int
-    attempt: int
-    tag: str
-    ended: bool = False
-
-
 def read_runs(pair: Pair) -> dict[str, list[Run]]:
-    """Call id -> its executions on b in the order they started, from each life of b in turn.
-
-    A SIGKILL can cut a line short (a write that straddles a page is not atomic against a
-    fatal signal), so a last line without its newline in a killed life's file is left out: that
-    run is treated as if the kill came just before the write.
-    """
+    """Call id -> its executions on b in the order they started, from each life of b in turn."""
     files = [pair.runs_file(life.number) for life in pair.lives["b"]]
-    runs: dict[str, list[Run]] = defaultdict(list)
-    for path in files:
-        text = path.read_text() if path.exists() else ""
-        lines = text.split("\n")
-        if lines[-1]:
-            assert path is not files[-1], f"{path.name} ends in a torn line; {pair.note}"
-            print(f"torn last line in {path.name}: {lines[-1]!r}")
-        for line in lines[:-1]:
-            kind, life, call_id, attempt, tag = line.split(" ")
-            if kind == "begin":
-                runs[call_id].append(Run(int(life), int(attempt), tag))
-                continue
-            assert kind == "end", f"bad line {line!r}; {pair.note}"
-            # Two open runs alike are two copies of one call running at once: check_runs says so.
-            matching = [r for r in runs[call_id] if not r.ended
-                        and (r.life, r.attempt, r.tag) == (int(life), int(attempt), tag)]
-            assert matching, f"end without its begin: {line!r}; {pair.note}"
-            matching[0].ended = True
-    return runs
+    # Two open runs alike are two copies of one call running at once: check_runs says so.
+    return crashkit.read_runs(files, pair.note, begin="begin", copies=True)
 
 
 def check_accepted(pair: Pair) -> None:
@@ -548,24 +515,7 @@ def check_accepted(pair: Pair) -> None:
 def check_runs(pair: Pair, runs: dict[str, list[Run]]) -> None:
     """What a acknowledged ran on b, once, or again only after a kill of b; nothing else ran."""
     note, tally = pair.note, pair.tally
-    tried: set[str] = set()
-    made: dict[str, str] = {}  # tag -> the call id execute returned
-    groups: list[list[str]] = []  # transactions tried
-    for life in pair.lives["a"]:
-        for line in life.lines:
-            word, _, rest = line.partition(" ")
-            if word == "try":
-                tried.add(rest)
-            elif word == "made":
-                tag, call_id = rest.split(" ")
-                made[tag] = call_id
-            elif word == "xa-try":
-                groups.append(rest.split(" "))
-                tried.update(groups[-1])
-            elif word == "xa":
-                for item in rest.split(" "):
-                    tag, call_id = item.split("=")
-                    made[tag] = call_id
+    tried, made, groups = crashkit.read_reports(life.lines for life in pair.lives["a"])
 
     last_life = pair.lives["b"][-1].number
     for call_id, executions in runs.items():
@@ -573,27 +523,15 @@ def check_runs(pair: Pair, runs: dict[str, list[Run]]) -> None:
         assert len(firsts) <= 1, (
             f"{call_id} ran {len(firsts)} times as attempt 1: b accepted it more than once: "
             f"{executions}; {note}")
-        for earlier, later in itertools.pairwise(executions):
-            assert earlier.life < later.life, (
-                f"{call_id} ran twice in b's life {later.life}: {executions}; {note}")
-            assert earlier.attempt < later.attempt, (
-                f"{call_id} ran again without a higher attempt: {executions}; {note}")
-            tally["re-run after a kill inside the handler" if not earlier.ended
-                  else "re-run after its completion was lost"] += 1
+        crashkit.check_reruns(call_id, executions, note, tally, life="b's life")
         assert executions[-1].ended, f"{call_id} never completed on b: {executions}; {note}"
         assert all(r.ended for r in executions if r.life == last_life), (
             f"{call_id} did not end in b's last life: {executions}; {note}")
         tally["calls run on b"] += 1
 
-    ids_of_tag: dict[str, set[str]] = defaultdict(set)
-    for call_id, executions in runs.items():
-        tags = {r.tag for r in executions}
-        assert len(tags) == 1, f"call {call_id} ran as several tags {tags}; {note}"
-        ids_of_tag[tags.pop()].add(call_id)
-    for tag, call_ids in ids_of_tag.items():
-        assert len(call_ids) == 1, f"{tag} was stored as several calls {call_ids}; {note}"
+    ran = crashkit.ran_tags(runs, note)
+    for tag in ran:
         assert tag in tried, f"{tag} ran on b but a never tried it; {note}"
-    ran = {tag: next(iter(ids)) for tag, ids in ids_of_tag.items()}
 
     for tag, call_id in made.items():
         assert tag in ran, f"{tag} ({call_id}) was acknowledged by a but never ran on b; {note}"
@@ -601,11 +539,7 @@ def check_runs(pair: Pair, runs: dict[str, list[Run]]) -> None:
     for seq, (call_id, tag) in pair.accepted.items():
         assert ran.get(tag) == call_id, (
             f"b accepted {tag} as {call_id} (seq {seq}) but ran it as {ran.get(tag)}; {note}")
-    for group in groups:
-        done = [tag for tag in group if tag in ran]
-        assert not done or len(done) == len(group), (
-            f"transaction {group} ran only {done}; {note}")
-        tally["transactions stored" if done else "transactions lost in a kill"] += 1
+    crashkit.check_transactions(groups, ran, note, tally)
     tally["calls acknowledged by a"] = len(made)
     tally["calls tried by a"] = len(tried)
 
@@ -629,8 +563,7 @@ def run_rounds(tmp_path: Path, part: int, count: int) -> None:
     check_runs(pair, read_runs(pair))
     tally = pair.tally
     tally["lives of a"], tally["lives of b"] = len(pair.lives["a"]), len(pair.lives["b"])
-    print(f"{note}: {time.monotonic() - started:.1f} s; "
-          + ", ".join(f"{k}: {v}" for k, v in sorted(tally.items())))
+    print(f"{note}: {time.monotonic() - started:.1f} s; " + crashkit.format_tally(tally))
     assert tally["calls acknowledged by a"] > 0, f"a acknowledged no call; {note}"
 
 

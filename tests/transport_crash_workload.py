@@ -2,6 +2,8 @@
 
 Owns: what the two cages do and the line formats the parent reads. Must not: decide pass or
 fail; the parent does that after it has SIGKILLed these processes and drained both cages.
+``report``, ``die`` and the runs file's writer (``RunsLog``) come from tests/crashkit.py, shared
+with cage_crash_workload.py.
 
 Run as ``python transport_crash_workload.py ROLE DATA_DIR PORT LIFE SEED [RUNS_FILE]``:
 - ROLE ``a``: cage "a" with the peer "b" at 127.0.0.1:PORT; two producer threads make queued
@@ -38,9 +40,9 @@ import random
 import sys
 import threading
 import time
-import traceback
 
 import pmq
+from crashkit import RunsLog, die, report
 
 PRODUCERS = 2
 #: How long a drain may take before the child gives up and says what is left (only a limit on a
@@ -59,39 +61,13 @@ SEGMENT_BYTES = 1 << 20
 PACE_S = 0.0016
 
 
-def report(line: str) -> None:
-    """One line to the parent, in one write (atomic on a pipe)."""
-    os.write(1, (line + "\n").encode())
-
-
-def die(message: str) -> None:
-    """Print the current exception and exit at once: the parent sees a non-SIGKILL exit."""
-    sys.stderr.write(message + "\n" + traceback.format_exc())
-    sys.stderr.flush()
-    os._exit(3)
-
-
-class Sink:
+class Sink(RunsLog):
     """b's exposed module: a handler that leaves fsynced begin and end lines around its work."""
-
-    def __init__(self, path: str, life: int, seed: int) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self.life = life
-        self.rng = random.Random(seed)
-        self.rng_lock = threading.Lock()
-
-    def _line(self, kind: str, tag: str) -> str:
-        info = pmq.current_call()
-        assert info is not None
-        os.write(self.fd, f"{kind} {self.life} {info.call_id} {info.attempt} {tag}\n".encode())
-        os.fsync(self.fd)
-        return info.call_id
 
     def put(self, tag: str) -> None:
         """Begin line, some work, end line."""
         report(f"begin {self._line('begin', tag)}")
-        with self.rng_lock:
-            work = self.rng.choice((0.0, 0.0, 0.0, 0.0005, 0.002))
+        work = self._pick((0.0, 0.0, 0.0, 0.0005, 0.002))
         if work:
             time.sleep(work)
         self._line("end", tag)
