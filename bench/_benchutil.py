@@ -1,7 +1,9 @@
 """Helpers shared by the journal benchmarks and the demo: scratch directories and machine facts.
 
 Owns: where scratch journals live (on the real disk, never tmpfs), the description of the machine
-a result was measured on, and small formatting helpers. Must not: import pmq (the demo's child
+a result was measured on, small formatting helpers, and what the comparison runners
+(compare_local.py, compare_remote.py) share: their common options, the line a child answers
+with, the busy-machine warnings and the saved report. Must not: import pmq (the demo's child
 process and the report import pmq themselves, so a broken build fails where it is used).
 
 Invariants:
@@ -12,7 +14,10 @@ Invariants:
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
+import json
 import os
 import platform
 import shutil
@@ -20,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -29,6 +36,8 @@ RESULTS_DIR = BENCH_DIR / "results"
 
 # File systems on which fdatasync does not reach a device: results there mean nothing.
 MEMORY_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+# A runner's child prints its result as one line: this prefix, then JSON.
+RESULT_PREFIX = "RESULT "
 
 
 def mount_of(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -102,7 +111,8 @@ def _mem_total_bytes() -> int | None:
     return None
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, or None where it is not installed."""
     from importlib import metadata
 
     try:
@@ -144,9 +154,9 @@ def machine_info(work_dir: str | os.PathLike[str]) -> dict[str, object]:
         "fs_source": mount["source"],
         "mount_point": mount["mount_point"],
         "disk_free_bytes": usage.free,
-        "pmq_version": _package_version("pmq"),
-        "xxhash_version": _package_version("xxhash"),
-        "cython_version": _package_version("Cython"),
+        "pmq_version": package_version("pmq"),
+        "xxhash_version": package_version("xxhash"),
+        "cython_version": package_version("Cython"),
         "loadavg": load_average(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_src_dirty": None if status is None else bool(status),
@@ -254,3 +264,94 @@ def render_table(headers: list[str], rows: list[list[str]], align: str = "") -> 
     out = [line(headers), "  ".join("-" * w for w in widths)]
     out.extend(line(row) for row in rows)
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison runners: compare_local.py and compare_remote.py
+
+
+def add_save_options(parser: argparse.ArgumentParser) -> None:
+    """--no-save and --json, which mean the same in every runner (see ``save_report``)."""
+    parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
+    parser.add_argument("--json", default=None, help="JSON path (default bench/results/...)")
+
+
+def add_child_options(parser: argparse.ArgumentParser, child_timeout_s: float) -> None:
+    """--child and --child-timeout: hidden, because only the runner itself passes them, to the
+    copy of itself it starts for each case (``child_command``)."""
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child-timeout", type=float, default=child_timeout_s, help=argparse.SUPPRESS
+    )
+
+
+def parse_run_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, known_cases: Iterable[str]
+) -> tuple[argparse.Namespace, set[str]]:
+    """Parse, fill in --seconds (1 s with --quick, else 3 s) and check --cases.
+
+    Returns the options and the set of names --cases listed; an unknown name is a usage error
+    before anything is installed or measured.
+    """
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds or (1.0 if args.quick else 3.0)
+    wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = wanted - set(known_cases)
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    return args, wanted
+
+
+def child_command(script: str, role: str, *options: str) -> list[str]:
+    """The command that runs ``script`` again, as ``--child ROLE``.
+
+    Each case gets a fresh interpreter: one case's threads, caches and open files cannot slow
+    the next, and a child that hangs can be killed without losing the run.
+    """
+    return [sys.executable, str(Path(script).resolve()), "--child", role, *options]
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """A child's answer to its runner, on one stdout line after ``RESULT_PREFIX``: the runner
+    reads only such lines, so nothing else the child prints can be taken for its result."""
+    print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+def activity_at_start() -> tuple[dict[str, float] | None, str | None]:
+    """Sample the machine before the first case; print the busy warning, if any, at once.
+
+    Printed now so that whoever watches a long run learns early that its figures will include
+    someone else's load. Returns the sample (for the report) and the warning.
+    """
+    activity = machine_activity()
+    warning = busy_warning(activity)
+    if warning:
+        print(warning + "\n")
+    return activity, warning
+
+
+def activity_at_end(warning_at_start: str | None) -> dict[str, float] | None:
+    """Sample the machine after the last case; print the busy warnings under the table.
+
+    Under the table is where the figures are read; a warning from start and end alike is
+    printed once. Returns the sample, for the report.
+    """
+    activity = machine_activity()
+    warnings = (warning_at_start, busy_warning(activity))
+    for warning in dict.fromkeys(w for w in warnings if w):
+        print("\n" + warning)
+    return activity
+
+
+def save_report(report: dict[str, Any], path: str | None, kind: str) -> Path:
+    """Write ``report`` as JSON to ``path``, or to bench/results/KIND-<timestamp>.json.
+
+    Returns the path to print: relative to the current directory where it can be, so it can
+    be pasted into the next command.
+    """
+    out = Path(path) if path else RESULTS_DIR / f"{kind}-{timestamp()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    with contextlib.suppress(ValueError):
+        out = out.relative_to(Path.cwd())
+    return out

