@@ -75,16 +75,9 @@ import _remote_cases as rc
 from _compare_cases import CaseResult
 from _report_cases import settle
 from compare_local import ensure_persist_queue, pmq_cage_problem
-from pmq._plot import plot
+from pmq._plot import TITLES, plot
 
 SYSTEMS = ("redis", "rabbitmq", "nats", "persist_queue", "pmq")
-TITLES = {
-    "redis": "Redis",
-    "rabbitmq": "RabbitMQ",
-    "nats": "NATS JetStream",
-    "persist_queue": "persist-queue",
-    "pmq": "pmq",
-}
 LATENCY_RATES = (1_000, 10_000)
 PMQ_MIN_CALLS_PER_S = 100_000
 PMQ_MIN_RATIO = 3.0

@@ -1349,15 +1349,22 @@ def test_three_cage_processes_deliver_every_call_once(spawn: Callable[..., Child
         assert_ran_once_each(read_runs(child.runs), expected)
 
 
+def streaming(spawn: Callable[..., Child], calls: int) -> tuple[Child, Child, int, int]:
+    """Cages a and b in processes of their own, a sending `calls` calls to b, and b running
+    them (100 have run): (a, b, a's port, b's port)."""
+    port_a, port_b = free_port(), free_port()
+    b = spawn("b", port_b, {})
+    a = spawn("a", port_a, {"b": port_b})
+    a.tell(f"send b {calls}")
+    wait_until(lambda: len(read_runs(b.runs)) >= 100, "b runs a's calls")
+    return a, b, port_a, port_b
+
+
 def test_a_sender_process_killed_while_streaming_delivers_each_call_once_after_restart(
     spawn: Callable[..., Child],
 ) -> None:
     """A sender SIGKILLed mid-stream and restarted: every call it made runs on b, none twice."""
-    port_a, port_b = free_port(), free_port()
-    b = spawn("b", port_b, {})
-    a = spawn("a", port_a, {"b": port_b})
-    a.tell("send b 1500")
-    wait_until(lambda: len(read_runs(b.runs)) >= 100, "b runs a's calls")
+    a, b, port_a, port_b = streaming(spawn, 1500)
     a.kill()
     made = a.made()
     print(f"a was killed after {len(made)} of 1500 calls; b had run {len(read_runs(b.runs))}")
@@ -1377,11 +1384,7 @@ def test_a_receiver_process_killed_while_running_calls_gets_every_call_after_res
     spawn: Callable[..., Child],
 ) -> None:
     """A receiver SIGKILLed mid-stream and restarted runs every call; a rerun has a new attempt."""
-    port_a, port_b = free_port(), free_port()
-    b = spawn("b", port_b, {})
-    a = spawn("a", port_a, {"b": port_b})
-    a.tell("send b 500")
-    wait_until(lambda: len(read_runs(b.runs)) >= 100, "b runs a's calls")
+    a, b, _, port_b = streaming(spawn, 500)
     b.kill()
     first = read_runs(b.runs)
     print(f"b was killed after running {len(first)} calls; a had made {len(a.made())} of 500")

@@ -394,8 +394,9 @@ def test_stop_returns_while_the_link_is_busy(
                                  f"{LIMIT_S / 3} s; tasks cancelled but still running: {stuck}")
 
 
-def batch_then_eof(make_cage: Callable[..., pmq.Cage]) -> pmq.Cage:
-    """B, and a peer that did a handshake, sent a BATCH of 3 calls and closed its side."""
+def batch_then_eof(make_cage: Callable[..., pmq.Cage]) -> tuple[pmq.Cage, bytes]:
+    """B, and a peer that did a handshake, sent a BATCH of 3 calls and closed its side; with
+    what the peer received from B."""
     sink = Sink()
     b = make_cage("b", listen="127.0.0.1:0", expose={"sink": sink})
     with RawClient(address_of(b)) as client:
@@ -407,14 +408,14 @@ def batch_then_eof(make_cage: Callable[..., pmq.Cage]) -> pmq.Cage:
         client.expect_closed()
     b.drain(timeout=LIMIT_S)
     assert sink.by_value == Counter({1: 1, 2: 1, 3: 1})
-    return b
+    return b, bytes(client.received)
 
 
 def test_a_peer_that_closes_after_a_batch_is_not_taken_for_a_bad_peer(
     make_cage: Callable[..., pmq.Cage], caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A clean close right after a BATCH is no protocol violation: no rejection, no warning."""
-    b = batch_then_eof(make_cage)
+    b, _ = batch_then_eof(make_cage)
     assert b.transport is not None
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "pmq.transport" and r.levelno >= logging.WARNING]
@@ -430,17 +431,9 @@ def test_a_peer_that_closes_after_a_batch_still_gets_its_ack(
 ) -> None:
     """After the peer's EOF, B still acknowledges what arrived before it (a half-closed peer
     can read it; transport.py: "the acknowledgements of what arrived before the close")."""
-    sink = Sink()
-    b = make_cage("b", listen="127.0.0.1:0", expose={"sink": sink})
-    with RawClient(address_of(b)) as client:
-        conn = client.handshake("lone", None)
-        assert conn is not None
-        client.send(conn.send(protocol.Batch(0, [protocol.WireCall(*wire_call(key, key))
-                                                 for key in (1, 2, 3)])))
-        client.half_close()
-        client.expect_closed()
-    assert last_message(client.received)[:2] == [4, 3], (
-        f"B's last frame is {last_message(client.received)!r}, not ACK 3")
+    _, received = batch_then_eof(make_cage)
+    assert last_message(received)[:2] == [4, 3], (
+        f"B's last frame is {last_message(received)!r}, not ACK 3")
 
 
 class Bystander:

@@ -39,13 +39,13 @@ from pmq._names import RESERVED_MODULE
 from pmq.cage import LOOPBACK_QUEUE
 from pmq.errors import AuthenticationError, ProtocolError, RemoteProtocolError, TransportError
 from pmq.store import Store
+from pmq.transport import READ_BYTES, read_events
 
 __all__ = ["CLIENT_NAME", "ask_cage", "report_of_answer", "report_of_store", "status"]
 
 #: The cage name ``pmq status --connect`` gives in its handshake (it shows in the cage's log).
 CLIENT_NAME = "pmq-status"
 DEFAULT_TIMEOUT_S = 10.0
-READ_BYTES = 256 * 1024
 
 
 @click.command()
@@ -291,14 +291,8 @@ async def _exchange(
 ) -> dict[str, Any]:
     """Handshake, one REQUEST for ``pmq.status``, its RESPONSE decoded; then GOODBYE."""
     peer = ""
-    while True:
-        event = conn.next_event()
-        reply = conn.data_to_send()
-        if reply:
-            writer.write(reply)
-        if event is protocol.NEED_DATA:
-            conn.receive_data(await reader.read(READ_BYTES))
-        elif isinstance(event, protocol.Established):
+    async for event in read_events(reader, writer, conn):
+        if isinstance(event, protocol.Established):
             peer = event.peer
             request = protocol.Request(
                 1, RESERVED_MODULE, "status", pack_arguments([], {}), timeout
@@ -311,14 +305,13 @@ async def _exchange(
             if not peer:
                 raise AuthenticationError(f"the cage refused the handshake: {event.reason}")
             raise TransportError(f"cage {peer} closed the connection: {event.reason}")
-        elif isinstance(event, protocol.ConnectionClosed):
-            if not peer:
-                raise TransportError(
-                    "the connection was closed during the handshake (a cage that requires TLS "
-                    "does that: pmq status --connect speaks plain TCP)"
-                )
-            raise TransportError(f"cage {peer} closed the connection before it answered")
         # ACK (the accepting side's first word on every connection), PING, PONG: nothing to do
+    if not peer:
+        raise TransportError(
+            "the connection was closed during the handshake (a cage that requires TLS "
+            "does that: pmq status --connect speaks plain TCP)"
+        )
+    raise TransportError(f"cage {peer} closed the connection before it answered")
 
 
 def _decode(response: protocol.Response, peer: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from pmq.errors import (
 )
 from pmq.store import Store
 
-__all__ = ["Transport"]
+__all__ = ["READ_BYTES", "Transport", "read_events"]
 
 log = logging.getLogger("pmq.transport")
 
@@ -231,7 +231,7 @@ class Transport:
             # previous connection, whose batch waits for its fsync): tell it only once durable.
             high, refusals = self.store.link_state(source, established.journal_id)
             acks.put_nowait((self.store.journal.next_seq - 1, high, refusals))
-            async for event in _events(reader, writer, conn):
+            async for event in read_events(reader, writer, conn):
                 if isinstance(event, protocol.Batch):
                     seq, high, refusals = self.store.accept(
                         source, established.journal_id, event.calls, event.settled,
@@ -396,7 +396,7 @@ class _Link:
 
     async def _receive(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        conn: protocol.Connection) -> None:
-        async for event in _events(reader, writer, conn):
+        async for event in read_events(reader, writer, conn):
             if isinstance(event, protocol.Ack):
                 self._settle(event)
             elif isinstance(event, protocol.Response):
@@ -540,7 +540,7 @@ class _Link:
 
 async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      conn: protocol.Connection) -> protocol.Established:
-    async for event in _events(reader, writer, conn):
+    async for event in read_events(reader, writer, conn):
         if isinstance(event, protocol.Established):
             return event
         if isinstance(event, protocol.Goodbye):
@@ -548,8 +548,8 @@ async def _handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     raise TransportError("the peer closed the connection during the handshake")
 
 
-async def _events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                  conn: protocol.Connection) -> Any:
+async def read_events(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      conn: protocol.Connection) -> Any:
     """The protocol's events from `reader` until a clean close; its own replies are written."""
     while True:
         event = conn.next_event()
