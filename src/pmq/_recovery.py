@@ -157,8 +157,16 @@ def apply_record(store: Store, seq: int, record: list[Any],
 def snapshot(store: Store, covered: int) -> dict[str, Any]:
     queues: list[list[Any]] = []
     taken: dict[tuple[str, bool], list[int]] = {}
+    # A taken call carries its own counters (Store._hand_out): merge them with the waiting ones.
+    attempts, crashes, opened = dict(store._attempts), dict(store._crashes), dict(store._open)
     for call in store._taken.values():
         taken.setdefault((call.queue, call.outbound), []).append(call.key)
+        if call.attempt:
+            attempts[call.key] = call.attempt
+        if call.crashes:
+            crashes[call.key] = call.crashes
+        if call.attempt_open:
+            opened[call.key] = call.attempt
     for qkey, queue in store._queues.items():
         # This runs under the lock that every enqueue needs: a backlog of a million calls in
         # key order is copied by array() at C speed, and sorted only when it must be.
@@ -172,9 +180,9 @@ def snapshot(store: Store, covered: int) -> dict[str, Any]:
         "journal_id": store.journal.journal_id,
         "covered": covered,
         "queues": queues,
-        "attempts": _flat(store._attempts),
-        "crashes": _flat(store._crashes),
-        "open": _flat(store._open),
+        "attempts": _flat(attempts),
+        "crashes": _flat(crashes),
+        "open": _flat(opened),
         "moved": _flat(store._moved),
         "dead": store._dead,
         "ids": [[s, u, k, e, done] for (s, u), (k, e, done) in store._ids.items() if e > now],

@@ -61,6 +61,8 @@ log = logging.getLogger("pmq.store")
 _USER_ID = operator.attrgetter("user_id")
 _ROUTE = operator.attrgetter("queue", "outbound")
 _ARGUMENTS = operator.attrgetter("arguments")
+_KEY = operator.attrgetter("key")
+_OUTBOUND = operator.attrgetter("outbound")
 _WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
 _FIELD_ARGUMENTS = operator.itemgetter(7)  # of a CALL record
 
@@ -122,10 +124,13 @@ class Store:
         # (source, user id) -> [key, expiry, completed]; and the not-yet-completed ones by key
         self._ids: dict[tuple[str, str], list[Any]] = {}
         self._user_calls: dict[int, tuple[str, str]] = {}
-        # completed key -> was outbound, oldest first: a plain dict of ints and bools, which
-        # the garbage collector does not track (an OrderedDict of 100,000 cost each full
-        # collection milliseconds); trimmed to RECENT_DONE once it holds a quarter more.
+        # completed key -> was outbound: plain dicts of ints and bools, which the garbage
+        # collector does not track (an OrderedDict of 100,000 cost each full collection
+        # milliseconds). Two generations of up to RECENT_DONE each: when the young one is full
+        # it becomes the old one and the old one is dropped, so forgetting costs nothing per
+        # call (trimming one dict copied 100,000 entries every 25,000 calls).
         self._recent: dict[int, bool] = {}
+        self._recent_old: dict[int, bool] = {}
         self._links = Links()  # acceptance state per source journal (exactly-once)
         # key -> the decoded CALL record: taking a recent call needs no decoding, which was the
         # largest cost of sending and running calls. Tuples, not lists: the garbage collector
@@ -315,18 +320,34 @@ class Store:
                 keys.append(pending.popleft())
             if not keys:
                 return []
-            records = self._payloads(keys)
-            calls: list[StoredCall] = []
-            append = calls.append
-            taken, attempts, crashes = self._taken, self._attempts, self._crashes
-            id_of = self._id_of
-            for key in keys:
-                fields = records[key]
-                taken[key] = call = StoredCall(key, id_of(fields, key), fields,
-                                               attempts.get(key, 0), crashes.get(key, 0))
-                append(call)
+            calls = self._hand_out(keys)
             queue.taken += len(calls)
             return calls
+
+    def _hand_out(self, keys: list[int]) -> list[StoredCall]:
+        """StoredCalls of `keys` (just popped from a queue), registered as taken (under _lock).
+
+        Their attempt and crash counts move from the store's sparse dicts onto the objects.
+        """
+        records = self._payloads(keys)
+        calls: list[StoredCall] = []
+        append = calls.append
+        taken = self._taken
+        id_of = self._id_of
+        if not (self._attempts or self._crashes or self._open):
+            for key in keys:
+                fields = records[key]
+                taken[key] = call = StoredCall(key, id_of(fields, key), fields, 0, 0)
+                append(call)
+            return calls
+        attempts, crashes, opened = self._attempts, self._crashes, self._open
+        for key in keys:
+            fields = records[key]
+            taken[key] = call = StoredCall(key, id_of(fields, key), fields,
+                                           attempts.pop(key, 0), crashes.pop(key, 0))
+            call.attempt_open = opened.pop(key, None) is not None
+            append(call)
+        return calls
 
     def _payloads(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
         """The decoded CALL records of `keys`: from the cache (which lets them go), else read
@@ -367,8 +388,7 @@ class Store:
         with self._lock:
             for call in calls:
                 call.attempt += 1
-                self._attempts[call.key] = call.attempt
-                self._open[call.key] = call.attempt
+                call.attempt_open = True
                 flat += (call.key, call.attempt)
             self.counters["attempts"] += len(calls)
             return self._append([K_ATTEMPT, flat])
@@ -384,29 +404,24 @@ class Store:
             if done:
                 freed: dict[str, int] = {}
                 # _forget and _completed, spelled out: this loop runs for every call executed.
-                taken, queues, cache, moved = self._taken, self._queues, self._cache, self._moved
-                attempts, crashes, opened = self._attempts, self._crashes, self._open
-                recent, user_calls = self._recent, self._user_calls
-                cache_freed = 0
+                # A taken call's counters live on it (see _hand_out) and its cached payload
+                # went when it was taken, so only strays need the dicts below.
+                taken, queues, moved = self._taken, self._queues, self._moved
+                user_calls = self._user_calls
+                strays = self._attempts or self._crashes or self._open or self._cache
                 for call in done:
                     key = call.key
                     if taken.pop(key, None) is not None:
                         queues[(call.queue, call.outbound)].taken -= 1
-                    attempts.pop(key, None)
-                    crashes.pop(key, None)
-                    opened.pop(key, None)
-                    moved.pop(key, None)
-                    entry = cache.pop(key, None)
-                    if entry is not None:
-                        cache_freed += _cached_bytes(entry)
-                    recent[key] = call.outbound
+                    elif strays:
+                        self._drop_counters(key)
+                    if moved:
+                        moved.pop(key, None)
                     if user_calls:
                         self._completed_user_call(key, call.outbound)
                     if call.outbound:
                         freed[call.queue] = freed.get(call.queue, 0) + len(call.arguments)
-                self._cache_bytes -= cache_freed
-                if len(recent) > RECENT_DONE + RECENT_DONE // 4:
-                    self._trim_recent()
+                self._remember_done(done)
                 for name, size in freed.items():
                     self._queues[(name, True)].bytes -= size
                 seq = self._append([K_DONE, [c.key for c in done],
@@ -415,7 +430,7 @@ class Store:
             if failed:
                 flat: list[int] = []
                 for call in failed:
-                    self._open.pop(call.key, None)
+                    call.attempt_open = False
                     flat += (call.key, call.attempt)
                 seq = self._append([K_FAIL, flat])
                 self.counters["failed"] += len(failed)
@@ -431,13 +446,14 @@ class Store:
                 queue.taken -= 1
                 queue.pending.appendleft(call.key)
                 queue.sorted = False
+                self._park_counters(call)
 
     def bury(self, call: StoredCall, reason: str, detail: str = "") -> int:
         """Move `call` to the dead letters with `reason`; return the seq appended."""
         detail = detail[-DETAIL_MAX_CHARS:]
         now = time.time()
         with self._lock:
-            attempts = self._attempts.get(call.key, call.attempt)
+            attempts = max(call.attempt, self._attempts.get(call.key, 0))
             self._untake(call)
             self._drop_counters(call.key)
             size = len(call.arguments)
@@ -448,11 +464,28 @@ class Store:
             return self._append([K_DEAD, call.key, call.queue, call.outbound, reason, detail, now,
                                  size])
 
+    def _park_counters(self, call: StoredCall) -> None:
+        """A taken call goes back to waiting: its counters go back to the sparse dicts."""
+        key = call.key
+        if call.attempt:
+            self._attempts[key] = call.attempt
+        if call.crashes:
+            self._crashes[key] = call.crashes
+        if call.attempt_open:
+            self._open[key] = call.attempt
+
+    def _remember_done(self, done: list[StoredCall]) -> None:
+        """Remember completed calls for ``status`` (the last RECENT_DONE or more of them)."""
+        recent = self._recent
+        recent.update(zip(map(_KEY, done), map(_OUTBOUND, done), strict=True))
+        if len(recent) >= RECENT_DONE:
+            self._recent_old, self._recent = recent, {}
+
     def _completed(self, key: int, outbound: bool = False) -> None:
         recent = self._recent
         recent[key] = outbound
-        if len(recent) > RECENT_DONE + RECENT_DONE // 4:
-            self._trim_recent()
+        if len(recent) >= RECENT_DONE:
+            self._recent_old, self._recent = recent, {}
         self._completed_user_call(key, outbound)
 
     def _completed_user_call(self, key: int, outbound: bool) -> None:
@@ -461,10 +494,6 @@ class Store:
             entry = self._ids.get(ident)
             if entry is not None and entry[0] == key:
                 entry[2] = TRANSMITTED if outbound else True
-
-    def _trim_recent(self) -> None:
-        recent = self._recent
-        self._recent = dict(itertools.islice(recent.items(), len(recent) - RECENT_DONE, None))
 
     def _untake(self, call: StoredCall) -> None:
         if self._taken.pop(call.key, None) is not None:
@@ -595,7 +624,8 @@ class Store:
         accepted its calls learns it from the peer's first acknowledgement after restarting.
         """
         with self._lock:
-            calls = [c for c in sent if c.key <= high and self._taken.get(c.key) is c]
+            taken = self._taken
+            calls = [c for c in sent if c.key <= high and taken.get(c.key) is c]
             queue = self._queues.get((queue_name, True))
             if queue is not None and queue.pending:
                 if not queue.sorted:
@@ -605,13 +635,10 @@ class Store:
                 while queue.pending and queue.pending[0] <= high:
                     keys.append(queue.pending.popleft())
                 if keys:
-                    records = self._payloads(keys)
-                    for key in keys:
-                        fields = records[key]
-                        call = StoredCall(key, self._id_of(fields, key), fields, 0, 0)
-                        self._taken[key] = call
-                        calls.append(call)
+                    calls += self._hand_out(keys)
                     queue.taken += len(keys)
+        if not refused:
+            return self.finish(calls, []) if calls else 0
         done = [c for c in calls if c.key not in refused]
         seq = self.finish(done, []) if done else 0
         for call in calls:
@@ -705,14 +732,16 @@ class Store:
             attempts = self._attempts.get(key, 0)
             taken = self._taken.get(key)
             if taken is not None:
-                return CallStatus("stored" if taken.outbound else "accepted", None, attempts)
+                return CallStatus("stored" if taken.outbound else "accepted", None,
+                                  taken.attempt)
             for queue in self._queues.values():
                 if key in queue.pending:
                     return CallStatus("stored" if queue.outbound else "accepted", None, attempts)
             ident = self._ids.get((source or self.cage_name, call_id))
-            if self._recent.get(key) or (ident is not None and ident[2] == TRANSMITTED):
+            outbound = self._recent.get(key, self._recent_old.get(key))
+            if outbound or (ident is not None and ident[2] == TRANSMITTED):
                 return CallStatus("transmitted", None, attempts)
-            if key in self._recent or (ident is not None and ident[2]):
+            if outbound is not None or (ident is not None and ident[2]):
                 return CallStatus("executed", None, attempts)
             return CallStatus("unknown")
 
