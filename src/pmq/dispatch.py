@@ -156,34 +156,40 @@ class _Run:
     __slots__ = ("_info", "call", "error", "first", "handler", "is_async", "outcome",
                  "retry_after")
 
+    # One of these is made per call run, so __init__ sets only what every run needs: the
+    # worker sets `outcome` ("done", "failed", "retry" or "reject") before reporting, and
+    # _classify sets `error` and `retry_after` for every outcome but "done".
+    outcome: str
+    error: str
+    retry_after: float | None
+
     def __init__(self, call: StoredCall, handler: Callable[..., Any], is_async: bool,
                  first: float) -> None:
         self.call = call
         self.handler = handler
         self.is_async = is_async
         self.first = first  # when the call's first attempt started
-        self._info: CallInfo | None = None
-        self.outcome = ""  # "done", "failed", "retry" or "reject"
-        self.error = ""
-        self.retry_after: float | None = None
 
     @property
     def info(self) -> CallInfo:
         """``current_call()`` for this attempt, made when first asked for (most handlers never
         ask, and a few hundred nanoseconds per call show at 100,000 calls a second)."""
-        if self._info is None:
+        try:
+            return self._info
+        except AttributeError:
             call = self.call
             # tuple.__new__ skips the NamedTuple's Python-level __new__ (half a µs a call).
-            self._info = _tuple_new(CallInfo, (call.call_id, call.user_id, call.attempt,
-                                               call.created, self.first, call.deadline,
-                                               call.source, call.queue))
-        return self._info
+            self._info: CallInfo = _tuple_new(CallInfo, (
+                call.call_id, call.user_id, call.attempt, call.created, self.first,
+                call.deadline, call.source, call.queue))
+            return self._info
 
 
 class _QueueState:
-    __slots__ = ("held", "policy", "running", "suspect_running", "suspects")
+    __slots__ = ("held", "name", "policy", "running", "suspect_running", "suspects")
 
-    def __init__(self, policy: QueuePolicy) -> None:
+    def __init__(self, name: str, policy: QueuePolicy) -> None:
+        self.name = name
         self.policy = policy
         self.running = 0  # attempts started and not finished
         self.held = 0  # calls waiting for a retry (an ordered queue waits for them)
@@ -334,7 +340,7 @@ class Dispatcher:
     def _state(self, name: str) -> _QueueState:
         state = self._queues.get(name)
         if state is None:
-            state = self._queues[name] = _QueueState(self._policy(name))
+            state = self._queues[name] = _QueueState(name, self._policy(name))
         return state
 
     async def _start_ready(self) -> int:
@@ -346,6 +352,7 @@ class Dispatcher:
         self._calling = enqueued != self._enqueued
         budget = CALLING_BATCH_CALLS if self._calling else BATCH_CALLS
         self._enqueued = enqueued
+        wall = time.time()
         while self._retries and self._retries[0][0] <= now:
             _, _, call = heapq.heappop(self._retries)
             state = self._state(call.queue)
@@ -353,7 +360,7 @@ class Dispatcher:
             if call.crashes:
                 state.suspects.append(call)
             else:
-                self._prepare(call, runs)
+                self._prepare(call, state, wall, runs)
         for name in self.store.queue_names(outbound=False):
             state = self._state(name)
             if state.suspect_running:
@@ -366,15 +373,16 @@ class Dispatcher:
             if room <= 0:
                 continue
             if not state.suspects:
+                prepare = self._prepare
                 for call in self.store.take(name, room):
                     if call.crashes:
                         state.suspects.append(call)
                     else:
-                        self._prepare(call, runs)
+                        prepare(call, state, wall, runs)
             while state.suspects and state.running == 0 and not state.suspect_running:
                 suspect = state.suspects.popleft()
                 before = len(runs)
-                self._prepare(suspect, runs)  # may bury it (e.g. max_crashes): then the next
+                self._prepare(suspect, state, wall, runs)  # may bury it: then the next
                 state.suspect_running = len(runs) > before
         if not runs:
             return self.counters_buried - buried
@@ -400,11 +408,12 @@ class Dispatcher:
                 self._jobs_ready.notify(1 if quick else min(plain, self._workers))
         return len(runs)
 
-    def _prepare(self, call: StoredCall, runs: list[_Run]) -> None:
-        """Check a call that is about to run; bury it instead when it must not run."""
-        state = self._state(call.queue)
+    def _prepare(self, call: StoredCall, state: _QueueState, wall: float,
+                 runs: list[_Run]) -> None:
+        """Check a call that is about to run (`state` is its queue's, `wall` the round's
+        time.time()); bury it instead when it must not run."""
         policy = state.policy
-        if call.deadline is not None and time.time() > call.deadline:
+        if call.deadline is not None and wall > call.deadline:
             self._bury(call, "expired", "its deadline passed before it could run")
             self.counters["expired"] += 1
             return
@@ -421,7 +430,8 @@ class Dispatcher:
                        f"(exposed modules: {', '.join(self.registry.names()) or 'none'})")
             self.counters["not_exposed"] += 1
             return
-        first = self._first_attempt.setdefault(call.key, time.time())
+        # Only a call that failed here before has its first attempt's time on record.
+        first = self._first_attempt.get(call.key, wall) if call.attempt else wall
         state.running += 1
         runs.append(_Run(call, resolved[0], resolved[1], first))
 
@@ -486,15 +496,19 @@ class Dispatcher:
         """
         done: list[StoredCall] = []
         failed: list[StoredCall] = []
+        first_attempt = self._first_attempt
+        state = None
         for run in results:
             call = run.call
-            state = self._state(call.queue)
+            if state is None or state.name != call.queue:
+                state = self._state(call.queue)
             state.running -= 1
             if call.crashes:
                 state.suspect_running = False
             if run.outcome == "done":
                 done.append(call)
-                self._first_attempt.pop(call.key, None)
+                if first_attempt:
+                    first_attempt.pop(call.key, None)
                 continue
             if run.outcome == "reject":
                 self._bury(call, "rejected", run.error)
@@ -523,6 +537,7 @@ class Dispatcher:
                 self.counters["expired"] += 1
                 continue
             failed.append(call)
+            first_attempt.setdefault(call.key, run.first)
             state.held += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, call.key, call))
         if done or failed:
@@ -603,6 +618,7 @@ def _classify(run: _Run, exc: BaseException) -> None:
         run.error = exc.reason
     else:
         run.outcome = "failed"
+        run.retry_after = None
         run.error = "".join(traceback.format_exception(exc))
 
 
