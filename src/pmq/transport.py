@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import operator
 import random
 import ssl
 import time
@@ -47,6 +48,9 @@ from pmq.store import Store
 __all__ = ["READ_BYTES", "Transport", "read_events"]
 
 log = logging.getLogger("pmq.transport")
+
+_ARGUMENTS = operator.attrgetter("arguments")
+_DEADLINE = operator.attrgetter("deadline")
 
 READ_BYTES = 256 * 1024
 CONNECT_TIMEOUT_S = 5.0
@@ -417,22 +421,20 @@ class _Link:
                 if room_calls > 0 else []
             calls = self._drop_expired(calls)
             if calls:
-                fit: list[StoredCall] = []
-                size = 0
-                for index, call in enumerate(calls):
-                    if size + len(call.arguments) > room_bytes and (fit or self._in_flight):
-                        store.give_back(calls[index:])  # over the window's bytes: next time
-                        break
-                    fit.append(call)
-                    size += len(call.arguments)
+                fit = calls
+                if sum(map(len, map(_ARGUMENTS, calls))) > room_bytes:
+                    fit = self._fit(calls, room_bytes)
                 if not fit:
                     self.wake.clear()
                     await self.wake.wait()  # an acknowledgement will make room
                     continue
                 self._in_flight.extend(fit)
+                # Plain tuples in WireCall's order: a NamedTuple's __new__ per call was the
+                # largest single cost of sending, and plain tuples of plain values are untracked
+                # by the garbage collector.
                 writer.write(conn.send(protocol.Batch(self._settled, [
-                    protocol.WireCall(c.key, c.module, c.method, c.arguments, c.user_id,
-                                      c.deadline, c.created) for c in fit])))
+                    (c.key, c.module, c.method, c.arguments, c.user_id, c.deadline, c.created)
+                    for c in fit])))
                 self.transport.counters["sent"] += len(fit)
                 await writer.drain()
                 continue
@@ -443,8 +445,21 @@ class _Link:
             except TimeoutError:
                 writer.write(conn.send(protocol.Ping()))
 
+    def _fit(self, calls: list[StoredCall], room_bytes: int) -> list[StoredCall]:
+        """The first of `calls` that fit in the window's `room_bytes` (at least one when
+        nothing is in flight); the rest go back to the queue, to be sent next time."""
+        fit: list[StoredCall] = []
+        size = 0
+        for index, call in enumerate(calls):
+            if size + len(call.arguments) > room_bytes and (fit or self._in_flight):
+                self.transport.store.give_back(calls[index:])
+                break
+            fit.append(call)
+            size += len(call.arguments)
+        return fit
+
     def _drop_expired(self, calls: list[StoredCall]) -> list[StoredCall]:
-        if not calls or all(c.deadline is None for c in calls):
+        if not any(map(_DEADLINE, calls)):
             return calls
         now = time.time()
         live = []
