@@ -150,39 +150,37 @@ class Registry:
         return sorted(self._modules)
 
 
-class _Run:
-    """One attempt of one call, from its start to its outcome."""
+class _Run(StoredCall):
+    """A call taken to run, and its current attempt, from its start to its outcome.
 
-    __slots__ = ("_info", "call", "error", "first", "handler", "is_async", "outcome",
-                 "retry_after")
+    The store makes these directly (``Store.take(..., kind=_Run)``), so running a call costs no
+    object beside the call itself. The same object lives through the call's retries in this
+    process; ``_prepare`` sets what belongs to one attempt. The worker sets `outcome` ("done",
+    "failed", "retry" or "reject") before reporting, and _classify sets `error` and
+    `retry_after` for every outcome but "done".
+    """
 
-    # One of these is made per call run, so __init__ sets only what every run needs: the
-    # worker sets `outcome` ("done", "failed", "retry" or "reject") before reporting, and
-    # _classify sets `error` and `retry_after` for every outcome but "done".
+    __slots__ = ("_info", "error", "first", "handler", "is_async", "outcome", "retry_after")
+
+    handler: Callable[..., Any]
+    is_async: bool
+    first: float  # when the call's first attempt started
     outcome: str
     error: str
     retry_after: float | None
-
-    def __init__(self, call: StoredCall, handler: Callable[..., Any], is_async: bool,
-                 first: float) -> None:
-        self.call = call
-        self.handler = handler
-        self.is_async = is_async
-        self.first = first  # when the call's first attempt started
+    _info: CallInfo | None
 
     @property
     def info(self) -> CallInfo:
         """``current_call()`` for this attempt, made when first asked for (most handlers never
         ask, and a few hundred nanoseconds per call show at 100,000 calls a second)."""
-        try:
-            return self._info
-        except AttributeError:
-            call = self.call
+        info = self._info
+        if info is None:
             # tuple.__new__ skips the NamedTuple's Python-level __new__ (half a µs a call).
-            self._info: CallInfo = _tuple_new(CallInfo, (
-                call.call_id, call.user_id, call.attempt, call.created, self.first,
-                call.deadline, call.source, call.queue))
-            return self._info
+            info = self._info = _tuple_new(CallInfo, (
+                self.call_id, self.user_id, self.attempt, self.created, self.first,
+                self.deadline, self.source, self.queue))
+        return info
 
 
 class _QueueState:
@@ -193,7 +191,7 @@ class _QueueState:
         self.policy = policy
         self.running = 0  # attempts started and not finished
         self.held = 0  # calls waiting for a retry (an ordered queue waits for them)
-        self.suspects: deque[StoredCall] = deque()  # crashed before: each runs alone
+        self.suspects: deque[_Run] = deque()  # crashed before: each runs alone
         self.suspect_running = False
 
 
@@ -216,7 +214,7 @@ class Dispatcher:
         self._cage = cage
         self._workers = workers
         self._queues: dict[str, _QueueState] = {}
-        self._retries: list[tuple[float, int, StoredCall]] = []  # (due, key, call) heap
+        self._retries: list[tuple[float, int, _Run]] = []  # (due, key, call) heap
         self._first_attempt: dict[int, float] = {}
         self._jobs: deque[_Run] = deque()  # plain handlers waiting for a worker
         self._jobs_ready = threading.Condition()
@@ -374,7 +372,7 @@ class Dispatcher:
                 continue
             if not state.suspects:
                 prepare = self._prepare
-                for call in self.store.take(name, room):
+                for call in self.store.take(name, room, kind=_Run):
                     if call.crashes:
                         state.suspects.append(call)
                     else:
@@ -386,7 +384,7 @@ class Dispatcher:
                 state.suspect_running = len(runs) > before
         if not runs:
             return self.counters_buried - buried
-        seq = self.store.begin_attempts([run.call for run in runs])
+        seq = self.store.begin_attempts(runs)
         if self._calling:
             await asyncio.sleep(CALLING_SYNC_DELAY_S)  # a caller's commit may carry it
         await self.store.journal.sync_async(seq)  # the attempt is on disk before it runs
@@ -408,8 +406,7 @@ class Dispatcher:
                 self._jobs_ready.notify(1 if quick else min(plain, self._workers))
         return len(runs)
 
-    def _prepare(self, call: StoredCall, state: _QueueState, wall: float,
-                 runs: list[_Run]) -> None:
+    def _prepare(self, call: _Run, state: _QueueState, wall: float, runs: list[_Run]) -> None:
         """Check a call that is about to run (`state` is its queue's, `wall` the round's
         time.time()); bury it instead when it must not run."""
         policy = state.policy
@@ -431,9 +428,11 @@ class Dispatcher:
             self.counters["not_exposed"] += 1
             return
         # Only a call that failed here before has its first attempt's time on record.
-        first = self._first_attempt.get(call.key, wall) if call.attempt else wall
+        call.first = self._first_attempt.get(call.key, wall) if call.attempt else wall
+        call.handler, call.is_async = resolved
+        call._info = None
         state.running += 1
-        runs.append(_Run(call, resolved[0], resolved[1], first))
+        runs.append(call)
 
     def _enter(self, run: _Run) -> None:
         _current.set(run)
@@ -466,7 +465,7 @@ class Dispatcher:
             token = _current.set(run)
             started = perf_counter()
             try:
-                args, kwargs = unpack_arguments(run.call.arguments)
+                args, kwargs = unpack_arguments(run.arguments)
                 run.handler(*args, **kwargs)
                 run.outcome = "done"
             except BaseException as exc:  # the outcome of the handler, whatever it raised
@@ -482,7 +481,7 @@ class Dispatcher:
 
     async def _run_async(self, run: _Run) -> None:
         try:
-            args, kwargs = unpack_arguments(run.call.arguments)
+            args, kwargs = unpack_arguments(run.arguments)
             await run.handler(*args, **kwargs)
             run.outcome = "done"
         except BaseException as exc:  # the outcome of the handler, whatever it raised
@@ -499,7 +498,7 @@ class Dispatcher:
         first_attempt = self._first_attempt
         state = None
         for run in results:
-            call = run.call
+            call = run
             if state is None or state.name != call.queue:
                 state = self._state(call.queue)
             state.running -= 1

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 
@@ -57,6 +57,8 @@ from pmq.errors import JournalCorruption, QueueFull
 __all__ = ["Store"]
 
 log = logging.getLogger("pmq.store")
+
+_Call = TypeVar("_Call", bound=StoredCall)
 
 _USER_ID = operator.attrgetter("user_id")
 _ROUTE = operator.attrgetter("queue", "outbound")
@@ -303,8 +305,13 @@ class Store:
         """Calls at or below this seq may be handed out (durable, or written when not 'always')."""
         return self.journal.durable_seq if self._always else self.journal.written_seq
 
-    def take(self, queue_name: str, limit: int, outbound: bool = False) -> list[StoredCall]:
-        """Hand out up to `limit` of the queue's next calls, oldest first, with their payloads."""
+    def take(self, queue_name: str, limit: int, outbound: bool = False,
+             kind: type[_Call] = StoredCall) -> list[_Call]:  # type: ignore[assignment]
+        """Hand out up to `limit` of the queue's next calls, oldest first, with their payloads.
+
+        `kind` is the class of the objects made: the dispatcher's subclass carries an attempt's
+        state too, so running a call needs no second object.
+        """
         visible = self.visible_seq()
         with self._lock:
             queue = self._queues.get((queue_name, outbound))
@@ -320,31 +327,32 @@ class Store:
                 keys.append(pending.popleft())
             if not keys:
                 return []
-            calls = self._hand_out(keys)
+            calls = self._hand_out(keys, kind)
             queue.taken += len(calls)
             return calls
 
-    def _hand_out(self, keys: list[int]) -> list[StoredCall]:
+    def _hand_out(self, keys: list[int], kind: type[_Call] = StoredCall  # type: ignore[assignment]
+                  ) -> list[_Call]:
         """StoredCalls of `keys` (just popped from a queue), registered as taken (under _lock).
 
         Their attempt and crash counts move from the store's sparse dicts onto the objects.
         """
         records = self._payloads(keys)
-        calls: list[StoredCall] = []
+        calls: list[_Call] = []
         append = calls.append
         taken = self._taken
         id_of = self._id_of
         if not (self._attempts or self._crashes or self._open):
             for key in keys:
                 fields = records[key]
-                taken[key] = call = StoredCall(key, id_of(fields, key), fields, 0, 0)
+                taken[key] = call = kind(key, id_of(fields, key), fields, 0, 0)
                 append(call)
             return calls
         attempts, crashes, opened = self._attempts, self._crashes, self._open
         for key in keys:
             fields = records[key]
-            taken[key] = call = StoredCall(key, id_of(fields, key), fields,
-                                           attempts.pop(key, 0), crashes.pop(key, 0))
+            taken[key] = call = kind(key, id_of(fields, key), fields, attempts.pop(key, 0),
+                                     crashes.pop(key, 0))
             call.attempt_open = opened.pop(key, None) is not None
             append(call)
         return calls
@@ -380,7 +388,7 @@ class Store:
                     self.journal.directory, 0)
         return found
 
-    def begin_attempts(self, calls: list[StoredCall]) -> int:
+    def begin_attempts(self, calls: Sequence[StoredCall]) -> int:
         """Record that `calls` are about to run; return the seq to wait for before running them."""
         if not calls:
             return 0

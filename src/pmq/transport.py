@@ -417,7 +417,8 @@ class _Link:
         store = self.transport.store
         while True:
             room_calls, room_bytes = conn.room()
-            calls = store.take(self.queue, min(room_calls, BATCH_MAX_CALLS), outbound=True) \
+            calls: list[StoredCall] = store.take(
+                self.queue, min(room_calls, BATCH_MAX_CALLS), outbound=True) \
                 if room_calls > 0 else []
             calls = self._drop_expired(calls)
             if calls:
