@@ -93,18 +93,23 @@ class StoredCall:
     __slots__ = ("arguments", "attempt", "attempt_open", "call_id", "crashes", "created",
                  "deadline", "key", "method", "module", "outbound", "queue", "source", "user_id")
 
-    def __init__(self, key: int, call_id: str, fields: Sequence[Any], attempt: int,
-                 crashes: int):
+    def __init__(self, key: int, id_prefix: str, fields: Sequence[Any], attempt: int = 0,
+                 crashes: int = 0):
+        """`fields` is the call's CALL record; `id_prefix` the store's "<cage>:<journal>:",
+        which with the key makes the automatic id of a call made here."""
         self.key = key
-        self.call_id = call_id
-        # One unpacking of the whole record (a CALL record of a call accepted from a peer has
-        # a 12th item, its id there): a third quicker than slicing it, and it runs per call.
+        # One unpacking of the whole record: a third quicker than slicing it, and it runs per
+        # call. The call's id is its user id, else its id on the cage that made it (a 12th
+        # item, on calls accepted from a peer and on replayed ones), else the automatic one.
         if len(fields) == 11:
-            (_, _, self.queue, self.outbound, self.user_id, self.module, self.method,
+            (_, _, self.queue, self.outbound, user_id, self.module, self.method,
              self.arguments, self.deadline, self.created, self.source) = fields
+            self.call_id = id_prefix + str(key) if user_id is None else str(user_id)
         else:
-            (_, _, self.queue, self.outbound, self.user_id, self.module, self.method,
-             self.arguments, self.deadline, self.created, self.source) = fields[:11]
+            (_, _, self.queue, self.outbound, user_id, self.module, self.method,
+             self.arguments, self.deadline, self.created, self.source, origin) = fields[:12]
+            self.call_id = str(origin) if user_id is None else str(user_id)
+        self.user_id = user_id
         # While a call is handed out these three are the truth (the store's sparse dicts
         # hold them only for calls that wait): bookkeeping per call costs no dict entry.
         self.attempt = attempt  # attempts started

@@ -51,10 +51,11 @@ BATCH_CALLS = 512  # calls started per round (one ATTEMPT record and fsync)
 # for nobody, so when both compete for the GIL, making calls goes first and the queue absorbs
 # the difference (docs/decisions.md, "Callers before handlers").
 CALLING_BATCH_CALLS = 64
-# ... and its ATTEMPT record (and the DONE of finished calls) waits this long before asking for
-# an fsync of its own: the callers' next commit most likely carries it, so a lone caller pays one
-# fsync per call instead of taking turns with the dispatcher's.
+# ... and its ATTEMPT record waits this long before asking for an fsync of its own: the callers'
+# next commit most likely carries it, so a lone caller pays one fsync per call instead of taking
+# turns with the dispatcher's.
 CALLING_SYNC_DELAY_S = 0.001
+DONE_SYNC_DELAY_S = 0.001  # outcomes wait this long for another commit to carry them
 QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
 REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches of up to this
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
@@ -232,6 +233,8 @@ class Dispatcher:
         self._random = random.Random()
         self._enqueued = 0  # the store's count of calls made, at the previous round
         self._calling = False  # calls were made in this process since the previous round
+        self._done_seq = 0  # the seq of the latest outcomes recorded
+        self._done_sync_due = False  # _sync_done is scheduled
         self.counters = dict.fromkeys(("executed", "failed", "retried", "rejected", "expired",
                                        "not_exposed", "too_many_attempts", "crashed"), 0)
 
@@ -540,22 +543,25 @@ class Dispatcher:
             state.held += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, call.key, call))
         if done or failed:
-            seq = self.store.finish(done, failed)
+            self._done_seq = self.store.finish(done, failed)
             self.counters["executed"] += len(done)
-            # Have the outcome written now rather than with whatever commit comes next: an
-            # idle cage would otherwise keep completions in memory, and a crash would run
-            # those calls again. Under load this fsync merges with the others (group commit).
-            if self._calling:  # a caller's commit may carry it first
-                self._loop.call_later(CALLING_SYNC_DELAY_S, self._sync_soon, seq)  # type: ignore[union-attr]
-            else:
-                self._sync_soon(seq)
+            # Outcomes need not be durable before anything else happens (a completion lost in
+            # a crash runs its call again, DESIGN.md §2), so they wait DONE_SYNC_DELAY_S for a
+            # commit that comes anyway: the next round's ATTEMPT, a caller's, an acceptance.
+            # Under load that saves an fsync per round; an idle cage syncs them then, rather
+            # than keep them in memory until something else is written.
+            if not self._done_sync_due:
+                self._done_sync_due = True
+                self._loop.call_later(DONE_SYNC_DELAY_S, self._sync_done)  # type: ignore[union-attr]
 
-    def _sync_soon(self, seq: int) -> None:
-        """Have the journal made durable up to `seq` now (a no-op when it already is)."""
+    def _sync_done(self) -> None:
+        """Have the outcomes recorded so far made durable (a no-op when they already are)."""
+        self._done_sync_due = False
         journal = self.store.journal
         if journal.closed:  # the cage stopped meanwhile: closing made everything durable
             return
-        journal.sync_async(seq).add_done_callback(_consume)
+        if journal.durable_seq < self._done_seq:
+            journal.sync_async(self._done_seq).add_done_callback(_consume)
 
     def _bury(self, call: StoredCall, reason: str, detail: str) -> None:
         self.counters_buried += 1

@@ -21,6 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import operator
@@ -28,6 +29,7 @@ import os
 import threading
 import time
 from collections import deque
+from itertools import repeat
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -66,7 +68,11 @@ _ARGUMENTS = operator.attrgetter("arguments")
 _KEY = operator.attrgetter("key")
 _OUTBOUND = operator.attrgetter("outbound")
 _WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
+_WIRE_NAMES = operator.itemgetter(1, 2)  # (module, method) of a protocol.WireCall
 _FIELD_ARGUMENTS = operator.itemgetter(7)  # of a CALL record
+_TUPLES = {tuple}
+_BYTES = {bytes}
+_unpack_record = functools.partial(msgpack.unpackb, raw=False, use_list=False)
 
 
 def _cached_bytes(entry: bytes | tuple[Any, ...]) -> int:
@@ -258,10 +264,11 @@ class Store:
                 queue.pending.append(key)
                 if call.outbound:
                     queue.bytes += len(call.arguments)
-        for key, call in enumerate(fresh, seq):
-            if call.user_id is not None:
-                self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
-                self._user_calls[key] = (call.source, call.user_id)
+        if any(map(_USER_ID, fresh)):
+            for key, call in enumerate(fresh, seq):
+                if call.user_id is not None:
+                    self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
+                    self._user_calls[key] = (call.source, call.user_id)
         size = sum(map(len, records))
         # The cache is best effort: a batch that does not fit whole is read back from the
         # journal when it runs (a backlog has filled the cache, and its calls wait anyway).
@@ -275,11 +282,17 @@ class Store:
     def _check_limits(self, fresh: list[NewCall],
                       limit: Callable[[str], tuple[int, int]]) -> None:
         adding: dict[str, list[int]] = {}
-        for call in fresh:
-            if call.outbound:
-                counts = adding.setdefault(call.queue, [0, 0])
-                counts[0] += 1
-                counts[1] += len(call.arguments)
+        routes = set(map(_ROUTE, fresh))
+        if len(routes) == 1:  # the common case, counted by C loops
+            name, outbound = routes.pop()
+            if outbound:
+                adding[name] = [len(fresh), sum(map(len, map(_ARGUMENTS, fresh)))]
+        else:
+            for call in fresh:
+                if call.outbound:
+                    counts = adding.setdefault(call.queue, [0, 0])
+                    counts[0] += 1
+                    counts[1] += len(call.arguments)
         for name, (count, size) in adding.items():
             pending = self._count((name, True))
             queue = self._queues.get((name, True))
@@ -337,25 +350,43 @@ class Store:
 
         Their attempt and crash counts move from the store's sparse dicts onto the objects.
         """
-        records = self._payloads(keys)
-        calls: list[_Call] = []
-        append = calls.append
-        taken = self._taken
-        id_of = self._id_of
+        records = self._records(keys)
+        prefix = self._id_prefix
         if not (self._attempts or self._crashes or self._open):
-            for key in keys:
-                fields = records[key]
-                taken[key] = call = kind(key, id_of(fields, key), fields, 0, 0)
-                append(call)
-            return calls
-        attempts, crashes, opened = self._attempts, self._crashes, self._open
-        for key in keys:
-            fields = records[key]
-            taken[key] = call = kind(key, id_of(fields, key), fields, attempts.pop(key, 0),
-                                     crashes.pop(key, 0))
-            call.attempt_open = opened.pop(key, None) is not None
-            append(call)
+            calls = list(map(kind, keys, repeat(prefix), records))
+        else:
+            attempts, crashes, opened = self._attempts, self._crashes, self._open
+            calls = []
+            for key, fields in zip(keys, records, strict=True):
+                call = kind(key, prefix, fields, attempts.pop(key, 0), crashes.pop(key, 0))
+                call.attempt_open = opened.pop(key, None) is not None
+                calls.append(call)
+        self._taken.update(zip(keys, calls, strict=True))
         return calls
+
+    def _records(self, keys: list[int]) -> list[tuple[Any, ...]]:
+        """The decoded CALL records of `keys`, in their order: from the cache (which lets them
+        go), else read back from the journal.
+
+        The common cases, every record cached and all of one form, run as C loops (this runs
+        for every call taken); anything else takes ``_payloads``' path per record.
+        """
+        cache = self._cache
+        entries: list[Any] = list(map(cache.pop, keys, repeat(None, len(keys))))
+        forms = set(map(type, entries))
+        if forms == _TUPLES:  # accepted from a peer: decoded already
+            self._cache_bytes -= (sum(map(len, map(_FIELD_ARGUMENTS, entries)))
+                                  + CACHE_OVERHEAD_BYTES * len(entries))
+            return entries
+        if forms == _BYTES:  # made here: encoded
+            self._cache_bytes -= sum(map(len, entries)) + CACHE_ENTRY_BYTES * len(entries)
+            return list(map(_unpack_record, entries))
+        # Back in the cache for _payloads, which sorts out each entry (none is lost: the
+        # popped entries are reinserted under the lock that every change to the cache holds).
+        cache.update((key, entry) for key, entry in zip(keys, entries, strict=True)
+                     if entry is not None)
+        found = self._payloads(keys)
+        return [found[key] for key in keys]
 
     def _payloads(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
         """The decoded CALL records of `keys`: from the cache (which lets them go), else read
@@ -363,14 +394,13 @@ class Store:
         found: dict[int, tuple[Any, ...]] = {}
         missing: dict[int, int] = {}  # seq -> key
         cache = self._cache
-        unpackb = msgpack.unpackb
         for key in keys:
             entry = cache.pop(key, None)
             if entry is None:
                 missing[self._moved.get(key, key)] = key
             elif isinstance(entry, bytes):
                 self._cache_bytes -= len(entry) + CACHE_ENTRY_BYTES
-                found[key] = unpackb(entry, raw=False, use_list=False)
+                found[key] = _unpack_record(entry)
             else:
                 self._cache_bytes -= len(entry[7]) + CACHE_OVERHEAD_BYTES
                 found[key] = entry
@@ -379,8 +409,7 @@ class Store:
             for run in _runs(seqs, gap=4096):
                 for seq, payload in self.journal.replay(run[0], run[-1] + 1):
                     if seq in missing:
-                        found[missing[seq]] = msgpack.unpackb(payload, raw=False,
-                                                              use_list=False)
+                        found[missing[seq]] = _unpack_record(payload)
             lost = [missing[s] for s in seqs if missing[s] not in found]
             if lost:
                 raise JournalCorruption(
@@ -557,10 +586,7 @@ class Store:
         with self._lock:
             high = start = self._links.high(source, journal_id)
             refused: list[tuple[int, str]] = []
-            verdicts: dict[tuple[str, str], str | None] = {}
-            for call in calls:
-                if (call[1], call[2]) not in verdicts:
-                    verdicts[(call[1], call[2])] = refuse(call[1], call[2])
+            verdicts = {name: refuse(*name) for name in set(map(_WIRE_NAMES, calls))}
             if (calls and calls[0][0] > high and not any(verdicts.values())
                     and not any(map(_WIRE_USER_ID, calls))):
                 fresh = calls  # the common case: all new, all allowed, no user ids
@@ -581,10 +607,11 @@ class Store:
             records.append(pack(self._links.record(source, journal_id, high, refused, settled)))
             last = self.journal.append_many(records)
             self._queue(queue_name, False).pending.extend(range(seq, seq + len(fields)))
-            for record in fields:
-                if record[4] is not None:
-                    self._ids[(source, record[4])] = [record[1], now + self.retention, False]
-                    self._user_calls[record[1]] = (source, record[4])
+            if fresh is not calls:  # the common case has no user ids
+                for record in fields:
+                    if record[4] is not None:
+                        self._ids[(source, record[4])] = [record[1], now + self.retention, False]
+                        self._user_calls[record[1]] = (source, record[4])
             cached = sum(map(len, map(_FIELD_ARGUMENTS, fields))) + CACHE_OVERHEAD_BYTES * len(
                 fields)
             if self._cache_bytes + cached <= self._cache_limit:
