@@ -22,6 +22,7 @@ import pytest
 
 import pmq
 from helpers import FAST_RETRY, KIB, LIMIT_S, MIB, Log, next_seq, wait_until
+from pmq.dispatch import QUICK_HANDLER_SECONDS, _mean_duration
 from pmq.errors import JournalLocked
 from pmq.store import Store
 
@@ -487,3 +488,17 @@ def test_stats_counts_what_happened(make_cage: Callable[..., pmq.Cage]) -> None:
     journal = stats["journal"]
     assert set(journal) >= {"records", "frames", "flushes", "fsyncs", "bytes", "segments"}
     assert journal["fsyncs"] >= 1
+
+
+def test_one_long_pause_does_not_make_quick_handlers_slow() -> None:
+    """A quick handler that waited out a long pause (a full collection, a busy event loop)
+    leaves the dispatcher running batches on one worker; handlers that really are slow make
+    it wake more within a few calls."""
+    mean = 0.0
+    for _ in range(100):
+        mean = _mean_duration(mean, 0.000_003)
+    mean = _mean_duration(mean, 0.050)  # one 50 ms wait for the GIL
+    assert mean < QUICK_HANDLER_SECONDS
+    for _ in range(16):
+        mean = _mean_duration(mean, 0.010)  # handlers that each block for 10 ms
+    assert mean >= QUICK_HANDLER_SECONDS

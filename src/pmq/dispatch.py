@@ -57,6 +57,7 @@ CALLING_BATCH_CALLS = 64
 CALLING_SYNC_DELAY_S = 0.001
 DONE_SYNC_DELAY_S = 0.001  # outcomes wait this long for another commit to carry them
 QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
+SAMPLE_MAX_SECONDS = 2 * QUICK_HANDLER_SECONDS  # a longer handler counts as this long
 REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches of up to this
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
 
@@ -476,7 +477,7 @@ class Dispatcher:
             finally:
                 _current.reset(token)
             took = perf_counter() - started
-            self._handler_seconds += (took - self._handler_seconds) / 16
+            self._handler_seconds = _mean_duration(self._handler_seconds, took)
             finished.append(run)
             if took >= QUICK_HANDLER_SECONDS or len(finished) >= REPORT_CALLS or not jobs:
                 self._report_many(finished)
@@ -611,6 +612,19 @@ def _consume(future: asyncio.Future[None]) -> None:
     """Retrieve a fire-and-forget future's outcome (a failed journal is reported elsewhere)."""
     if not future.cancelled():
         future.exception()
+
+
+def _mean_duration(mean: float, took: float) -> float:
+    """The moving mean of plain handlers' duration after one that took `took` seconds.
+
+    A sample counts as at most SAMPLE_MAX_SECONDS: a quick handler that waited for the GIL
+    through a full garbage collection or a long stretch of the event loop (10 ms and more)
+    otherwise flipped the mean to "slow"; every round then woke all workers, whose fight for
+    the GIL kept the samples long, and a third of a receiving cage's throughput was lost for
+    good (measured between two cage processes). Handlers that are really slow still make it
+    slow within a few calls.
+    """
+    return mean + (min(took, SAMPLE_MAX_SECONDS) - mean) / 16
 
 
 def _classify(run: _Run, exc: BaseException) -> None:

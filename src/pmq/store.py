@@ -29,8 +29,8 @@ import os
 import threading
 import time
 from collections import deque
-from itertools import repeat
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any, TypeVar
 
 import msgpack
