@@ -1270,8 +1270,13 @@ def consume_persist_queue(plan: Plan, tally: Tally, hooks: Hooks) -> dict[str, A
 
 
 def _pmq_key_function() -> tuple[Callable[[], Any], dict[str, int]]:
-    """A function giving the running call's distinct key, (source cage, call id), from
-    ``pmq.current_call()``; where that says nothing, a key per run (counted in ``unkeyed``)."""
+    """A function giving the running call's distinct key, "<source cage> <call id>", from
+    ``pmq.current_call()``; where that says nothing, a key per run (counted in ``unkeyed``).
+
+    A str, not a (source, call id) tuple: the Tally's dict of str keys stays untracked by the
+    garbage collector (as the other systems' int keys do), while tuple keys made every full
+    collection walk all of them, a cost of the harness that was charged to pmq.
+    """
     import itertools
 
     import pmq
@@ -1284,8 +1289,8 @@ def _pmq_key_function() -> tuple[Callable[[], Any], dict[str, int]]:
         call_id = getattr(info, "call_id", None)
         if call_id is None:
             counts["unkeyed"] += 1
-            return ("run", next(runs))
-        return (getattr(info, "source", None), call_id)
+            return f"run {next(runs)}"
+        return f"{getattr(info, 'source', None)} {call_id}"
 
     return key, counts
 

@@ -450,23 +450,30 @@ class Dispatcher:
         the event loop; a slow handler's outcome is reported at once.
         """
         jobs = self._jobs
+        popleft = jobs.popleft
         finished: list[_Run] = []
         _current_cage.set(self._cage)  # this thread's context: one cage for its whole life
+        set_current = _current.set
         perf_counter = time.perf_counter
+        mean = self._handler_seconds
         while True:
             try:
-                run = jobs.popleft()
+                run = popleft()
             except IndexError:
                 if finished:
+                    self._handler_seconds = mean
                     self._report_many(finished)
                     finished = []
+                set_current(None)
                 with self._jobs_ready:
                     while not jobs and not self._workers_stop:
                         self._jobs_ready.wait()
                     if self._workers_stop and not jobs:
                         return
                 continue
-            token = _current.set(run)
+            # Each call's set replaces the previous one's, and the batch's end clears it: a
+            # reset per call cost as much as the rest of this loop's bookkeeping.
+            set_current(run)
             started = perf_counter()
             try:
                 args, kwargs = unpack_arguments(run.arguments)
@@ -474,12 +481,15 @@ class Dispatcher:
                 run.outcome = "done"
             except BaseException as exc:  # the outcome of the handler, whatever it raised
                 _classify(run, exc)
-            finally:
-                _current.reset(token)
             took = perf_counter() - started
-            self._handler_seconds = _mean_duration(self._handler_seconds, took)
+            mean = _mean_duration(mean, took)
+            # The CallInfo a handler asked for goes now, not when its call is settled: a
+            # NamedTuple is never untracked, and hundreds waiting made every young collection
+            # walk them.
+            run._info = None
             finished.append(run)
             if took >= QUICK_HANDLER_SECONDS or len(finished) >= REPORT_CALLS or not jobs:
+                self._handler_seconds = mean
                 self._report_many(finished)
                 finished = []
 
