@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, overload
 
 __all__ = ["K_ATTEMPT", "K_CALL", "K_DEAD", "K_DONE", "K_FAIL", "K_PURGE", "K_REVIVE", "CallIds",
-           "CallStatus", "DeadLetter", "NewCall", "Queue", "StoredCall"]
+           "CallStatus", "DeadLetter", "NewCall", "NewCallFields", "Queue", "StoredCall"]
 
 # Record kinds: the first element of every msgpack array the store appends.
 # [1, key, queue, outbound, user_id, module, method, arguments, deadline, created, source]
@@ -31,7 +31,12 @@ K_PURGE = 7  # [7, key]  a dead letter is deleted
 
 
 class NewCall(NamedTuple):
-    """A call to store, as the proxy and the codec made it."""
+    """A call to store, as the proxy and the codec made it.
+
+    The proxy makes plain tuples in this order (``NewCallFields``), and the store reads them by
+    position: the garbage collector stops tracking a plain tuple of plain values but never a
+    NamedTuple, and a transaction holds thousands until it commits.
+    """
 
     queue: str  # "loopback_queue" (run here) or "<peer>_queue" (waits for the transport)
     outbound: bool
@@ -41,6 +46,10 @@ class NewCall(NamedTuple):
     user_id: str | None  # the full id (already "<parent>:<id>" inside a handler)
     deadline: float | None  # seconds since the epoch
     source: str  # the cage that made the call
+
+
+# queue, outbound, module, method, arguments, user_id, deadline, source: a NewCall's fields.
+NewCallFields = tuple[str, bool, str, str, bytes, str | None, float | None, str]
 
 
 class CallIds(Sequence[str]):

@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pmq._calls import NewCall
+from pmq._calls import NewCallFields
 from pmq._loops import running_loop
 from pmq.errors import QueueFull
 from pmq.store import Store
@@ -51,9 +51,9 @@ class Coalescer:
         self._stored = stored
         # loop -> (calls, futures) gathered since the flush scheduled on that loop
         self._open: dict[asyncio.AbstractEventLoop,
-                         tuple[list[NewCall], list[asyncio.Future[str]]]] = {}
+                         tuple[list[NewCallFields], list[asyncio.Future[str]]]] = {}
 
-    def submit(self, call: NewCall) -> asyncio.Future[str]:
+    def submit(self, call: NewCallFields) -> asyncio.Future[str]:
         """A future of the call's id, completed once the call is durable."""
         loop = running_loop()
         if loop is None:
@@ -80,7 +80,7 @@ class Coalescer:
             return
         self._when_durable(seq, ids, futures)
 
-    def _flush_one_by_one(self, loop: asyncio.AbstractEventLoop, calls: list[NewCall],
+    def _flush_one_by_one(self, loop: asyncio.AbstractEventLoop, calls: list[NewCallFields],
                           futures: list[asyncio.Future[str]]) -> None:
         last = 0
         ids: list[str] = []

@@ -47,7 +47,7 @@ from pmq._calls import (
     CallIds,
     CallStatus,
     DeadLetter,
-    NewCall,
+    NewCallFields,
     Queue,
     StoredCall,
 )
@@ -62,9 +62,10 @@ log = logging.getLogger("pmq.store")
 
 _Call = TypeVar("_Call", bound=StoredCall)
 
-_USER_ID = operator.attrgetter("user_id")
-_ROUTE = operator.attrgetter("queue", "outbound")
-_ARGUMENTS = operator.attrgetter("arguments")
+# Of a NewCall, by position: the proxy makes plain tuples in NewCall's order (see NewCall).
+_USER_ID = operator.itemgetter(5)
+_ROUTE = operator.itemgetter(0, 1)  # (queue, outbound)
+_ARGUMENTS = operator.itemgetter(4)
 _KEY = operator.attrgetter("key")
 _OUTBOUND = operator.attrgetter("outbound")
 _WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
@@ -165,7 +166,8 @@ class Store:
 
     # ---- making calls --------------------------------------------------------------------
 
-    def enqueue(self, calls: list[NewCall], limit: Callable[[str], tuple[int, int]] | None = None
+    def enqueue(self, calls: list[NewCallFields],
+                limit: Callable[[str], tuple[int, int]] | None = None
                 ) -> tuple[Sequence[str], int]:
         """Append `calls` in one journal frame; return their ids and the seq to wait for.
 
@@ -196,7 +198,7 @@ class Store:
             self._index(fresh, records, seq, now)
             return ids, last
 
-    def _encode_plain(self, calls: list[NewCall], seq: int, now: float) -> list[bytes]:
+    def _encode_plain(self, calls: list[NewCallFields], seq: int, now: float) -> list[bytes]:
         """K_CALL records of calls without user ids (keys seq, seq + 1, ...).
 
         Transactions of thousands of calls spend more time here than in their fsync, so the
@@ -221,34 +223,35 @@ class Store:
             append(join((_CALL_HEAD, pack(key), mid, pack(a), tail)))
         return records
 
-    def _encode_with_ids(self, calls: list[NewCall], seq: int,
-                         now: float) -> tuple[list[str], list[NewCall], list[bytes]]:
+    def _encode_with_ids(self, calls: list[NewCallFields], seq: int,
+                         now: float) -> tuple[list[str], list[NewCallFields], list[bytes]]:
         """Records for `calls`, leaving out those whose user id was seen (under _lock)."""
         pack = self._packer.pack
         prefix = self._id_prefix
         records: list[bytes] = []
         ids: list[str] = []
-        fresh: list[NewCall] = []
+        fresh: list[NewCallFields] = []
         claimed: set[tuple[str, str]] = set()
         for call in calls:
-            user_id = call.user_id
+            queue, outbound, module, method, arguments, user_id, deadline, source = call
             key = seq + len(records)
             if user_id is None:
                 ids.append(prefix + str(key))
             else:
-                ident = (call.source, user_id)
+                ident = (source, user_id)
                 known = self._ids.get(ident)
                 ids.append(user_id)
                 if (known is not None and known[1] > now) or ident in claimed:
                     self.counters["duplicates"] += 1
                     continue
                 claimed.add(ident)
-            records.append(pack([K_CALL, key, call.queue, call.outbound, user_id, call.module,
-                                 call.method, call.arguments, call.deadline, now, call.source]))
+            records.append(pack([K_CALL, key, queue, outbound, user_id, module, method,
+                                 arguments, deadline, now, source]))
             fresh.append(call)
         return ids, fresh, records
 
-    def _index(self, fresh: list[NewCall], records: list[bytes], seq: int, now: float) -> None:
+    def _index(self, fresh: list[NewCallFields], records: list[bytes], seq: int,
+               now: float) -> None:
         """Put just-appended calls (keys seq, seq + 1, ...) in their queues, the id window and
         the payload cache (under _lock)."""
         end = seq + len(records)
@@ -259,16 +262,16 @@ class Store:
             if queue.outbound:
                 queue.bytes += sum(map(len, map(_ARGUMENTS, fresh)))
         else:
-            for key, call in enumerate(fresh, seq):
-                queue = self._queue(call.queue, call.outbound)
+            for key, (name, outbound, _, _, arguments, _, _, _) in enumerate(fresh, seq):
+                queue = self._queue(name, outbound)
                 queue.pending.append(key)
-                if call.outbound:
-                    queue.bytes += len(call.arguments)
+                if outbound:
+                    queue.bytes += len(arguments)
         if any(map(_USER_ID, fresh)):
-            for key, call in enumerate(fresh, seq):
-                if call.user_id is not None:
-                    self._ids[(call.source, call.user_id)] = [key, now + self.retention, False]
-                    self._user_calls[key] = (call.source, call.user_id)
+            for key, (_, _, _, _, _, user_id, _, source) in enumerate(fresh, seq):
+                if user_id is not None:
+                    self._ids[(source, user_id)] = [key, now + self.retention, False]
+                    self._user_calls[key] = (source, user_id)
         size = sum(map(len, records))
         # The cache is best effort: a batch that does not fit whole is read back from the
         # journal when it runs (a backlog has filled the cache, and its calls wait anyway).
@@ -279,7 +282,7 @@ class Store:
         self._since_checkpoint += size
         self.counters["enqueued"] += len(records)
 
-    def _check_limits(self, fresh: list[NewCall],
+    def _check_limits(self, fresh: list[NewCallFields],
                       limit: Callable[[str], tuple[int, int]]) -> None:
         adding: dict[str, list[int]] = {}
         routes = set(map(_ROUTE, fresh))
@@ -288,11 +291,11 @@ class Store:
             if outbound:
                 adding[name] = [len(fresh), sum(map(len, map(_ARGUMENTS, fresh)))]
         else:
-            for call in fresh:
-                if call.outbound:
-                    counts = adding.setdefault(call.queue, [0, 0])
+            for name, outbound, _, _, arguments, _, _, _ in fresh:
+                if outbound:
+                    counts = adding.setdefault(name, [0, 0])
                     counts[0] += 1
-                    counts[1] += len(call.arguments)
+                    counts[1] += len(arguments)
         for name, (count, size) in adding.items():
             pending = self._count((name, True))
             queue = self._queues.get((name, True))
