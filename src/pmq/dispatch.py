@@ -58,7 +58,11 @@ CALLING_SYNC_DELAY_S = 0.001
 DONE_SYNC_DELAY_S = 0.001  # outcomes wait this long for another commit to carry them
 QUICK_HANDLER_SECONDS = 0.0005  # below this mean duration one worker runs a whole batch
 SAMPLE_MAX_SECONDS = 2 * QUICK_HANDLER_SECONDS  # a longer handler counts as this long
-REPORT_CALLS = 64  # a worker reports the outcomes of quick handlers in batches of up to this
+# A worker reports the outcomes of quick handlers in batches of up to this (and whenever it runs
+# out of calls): as many as a round starts. Batches of 64 cost a receiving cage 6% more CPU per
+# call than whole rounds (a settle, a DONE record and a round per batch), measured between two
+# cage processes; a call alone is still reported as soon as it returns.
+REPORT_CALLS = BATCH_CALLS
 WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
 
 
