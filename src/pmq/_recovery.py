@@ -172,8 +172,16 @@ def snapshot(store: Store, covered: int) -> dict[str, Any]:
         # key order is copied by array() at C speed, and sorted only when it must be.
         keys = array("q", queue.pending)
         extra = taken.get(qkey)
-        if extra or not queue.sorted:
+        if not queue.sorted:
             keys = array("q", sorted([*keys, *(extra or ())]))
+        elif extra:
+            # Calls taken are usually the queue's oldest: put them in front rather than sort
+            # the whole backlog under the lock (a tenth of a second per million calls).
+            extra.sort()
+            if not keys or extra[-1] < keys[0]:
+                keys = array("q", extra) + keys
+            else:
+                keys = array("q", sorted([*keys, *extra]))
         queues.append([qkey[0], qkey[1], keys.tobytes(), queue.bytes])
     now = time.time()
     return {
