@@ -453,10 +453,6 @@ def test_a_call_the_peer_does_not_expose_is_refused_then_replayed_once_it_is(
     assert [item[1:] for item in acc.log.items] == [("a", "a_queue", 1, 5)]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store.revive gives a replayed outbound call a new key and keeps its id only on the "
-    "sender (a 12th field); the wire carries the key, so the receiver names the call "
-    "'<source>:<journal>:<new key>' and its handler sees an id the caller never got"))
 def test_a_replayed_call_keeps_its_call_id_on_the_receiving_cage(
     make_cage: MakeCage, tmp_path: Path,
 ) -> None:

@@ -100,7 +100,8 @@ class StoredCall:
     """A call handed out by ``take``: everything needed to run or send it."""
 
     __slots__ = ("arguments", "attempt", "attempt_open", "call_id", "crashes", "created",
-                 "deadline", "key", "method", "module", "outbound", "queue", "source", "user_id")
+                 "deadline", "key", "method", "module", "origin", "outbound", "queue", "source",
+                 "user_id")
 
     def __init__(self, key: int, id_prefix: str, fields: Sequence[Any], attempt: int = 0,
                  crashes: int = 0):
@@ -114,10 +115,12 @@ class StoredCall:
             (_, _, self.queue, self.outbound, user_id, self.module, self.method,
              self.arguments, self.deadline, self.created, self.source) = fields
             self.call_id = id_prefix + str(key) if user_id is None else str(user_id)
+            self.origin = None
         else:
             (_, _, self.queue, self.outbound, user_id, self.module, self.method,
              self.arguments, self.deadline, self.created, self.source, origin) = fields[:12]
             self.call_id = str(origin) if user_id is None else str(user_id)
+            self.origin = origin  # its id where it was made, when that is not its key here
         self.user_id = user_id
         # While a call is handed out these three are the truth (the store's sparse dicts
         # hold them only for calls that wait): bookkeeping per call costs no dict entry.

@@ -432,9 +432,12 @@ class _Link:
                 self._in_flight.extend(fit)
                 # Plain tuples in WireCall's order: a NamedTuple's __new__ per call was the
                 # largest single cost of sending, and plain tuples of plain values are untracked
-                # by the garbage collector.
+                # by the garbage collector. A replayed call (a new key, its id kept as its
+                # origin) travels with that id as its user id, so the peer names it as the
+                # caller was told and accepts it once, like any call with an id.
                 writer.write(conn.send(protocol.Batch(self._settled, [
-                    (c.key, c.module, c.method, c.arguments, c.user_id, c.deadline, c.created)
+                    (c.key, c.module, c.method, c.arguments,
+                     c.user_id if c.origin is None else c.call_id, c.deadline, c.created)
                     for c in fit])))
                 self.transport.counters["sent"] += len(fit)
                 await writer.drain()
