@@ -88,3 +88,51 @@ def test_a_dead_letter_from_another_cage_is_found_by_its_source_id(tmp_path: Pat
     assert store.dead_letters() == []
     assert [c.call_id for c in store.take("a_queue", 5)] == [first]
     store.close()
+
+
+def test_calls_from_a_peer_are_found_by_their_id_there_pending_taken_executed(
+    tmp_path: Path,
+) -> None:
+    """status(id on the source) is "accepted" while the call waits (also in a backlog read back
+    after a restart) or runs, "executed" once done, "unknown" for a key never accepted."""
+    prefix = f"a:{JOURNAL_A.hex()[:8]}:"
+    wire_keys = list(range(3, 3000, 3))  # a source's keys have gaps (its other records)
+    store = Store(str(tmp_path), "b")
+    for start in range(0, len(wire_keys), 100):
+        store.accept("a", JOURNAL_A, calls(*wire_keys[start:start + 100]), 0, allow_f)
+    store.journal.sync()
+    for key in (3, 1500, 2997, wire_keys[517]):
+        assert store.status(prefix + str(key)).state == "accepted", key
+    for key in (1, 4, 1501, 3000, 99_999):
+        assert store.status(prefix + str(key)).state == "unknown", key
+    assert store.status(f"c:{JOURNAL_A.hex()[:8]}:3").state == "unknown"  # no such source
+
+    taken = store.take("a_queue", 10)
+    store.journal.sync(store.begin_attempts(taken))
+    assert store.status(prefix + "3") == ("accepted", None, 1)
+    store.finish(taken[:5], [])
+    assert store.status(prefix + "3").state == "executed"
+    assert store.status(prefix + "18").state == "accepted"  # taken, not finished
+    store.close()  # gives the taken calls back; the backlog is read back from the journal
+
+    store = Store(str(tmp_path), "b")
+    assert store.status(prefix + "18").state == "accepted"
+    assert store.status(prefix + "2001").state == "accepted"
+    assert store.status(prefix + "2002").state == "unknown"
+    # A second journal of the same source (a new data directory there): both are found.
+    store.accept("a", b"z" * 16, calls(5, 6), 0, allow_f)
+    store.journal.sync()
+    assert store.status(f"a:{(b'z' * 16).hex()[:8]}:6").state == "accepted"
+    assert store.status(prefix + "2001").state == "accepted"
+    store.close()
+
+
+def test_a_dead_letter_from_a_peer_is_reported_dead_by_its_id_there(tmp_path: Path) -> None:
+    """A call b buried (its handler rejected it) is "dead" with the reason, by a's id."""
+    store = Store(str(tmp_path), "b")
+    store.accept("a", JOURNAL_A, calls(7), 0, allow_f)
+    store.journal.sync()
+    [call] = store.take("a_queue", 1)
+    store.bury(call, "rejected", "not today")
+    assert store.status(f"a:{JOURNAL_A.hex()[:8]}:7")[:2] == ("dead", "rejected")
+    store.close()

@@ -528,10 +528,6 @@ def test_a_call_from_a_peer_that_its_handler_rejects_is_replayed_on_the_receiver
     assert b.dead_letters() == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Cage.call_status says it covers calls 'accepted by it', but Store.status looks ids up "
-    "under this cage's own name and id prefix only, so a call accepted from a peer is "
-    "'unknown' on the receiver, pending or executed"))
 def test_the_receiving_cage_reports_a_call_from_a_peer_as_accepted_then_executed(
     make_cage: MakeCage,
 ) -> None:

@@ -68,6 +68,7 @@ _ROUTE = operator.itemgetter(0, 1)  # (queue, outbound)
 _ARGUMENTS = operator.itemgetter(4)
 _KEY = operator.attrgetter("key")
 _OUTBOUND = operator.attrgetter("outbound")
+_ORIGIN = operator.attrgetter("origin")
 _WIRE_USER_ID = operator.itemgetter(4)  # of a protocol.WireCall
 _WIRE_NAMES = operator.itemgetter(1, 2)  # (module, method) of a protocol.WireCall
 _FIELD_ARGUMENTS = operator.itemgetter(7)  # of a CALL record
@@ -133,13 +134,14 @@ class Store:
         # (source, user id) -> [key, expiry, completed]; and the not-yet-completed ones by key
         self._ids: dict[tuple[str, str], list[Any]] = {}
         self._user_calls: dict[int, tuple[str, str]] = {}
-        # completed key -> was outbound: plain dicts of ints and bools, which the garbage
-        # collector does not track (an OrderedDict of 100,000 cost each full collection
-        # milliseconds). Two generations of up to RECENT_DONE each: when the young one is full
-        # it becomes the old one and the old one is dropped, so forgetting costs nothing per
-        # call (trimming one dict copied 100,000 entries every 25,000 calls).
-        self._recent: dict[int, bool] = {}
-        self._recent_old: dict[int, bool] = {}
+        # completed key (or, for a call accepted from a peer, its id there) -> was outbound:
+        # plain dicts of ints, strs and bools, which the garbage collector does not track (an
+        # OrderedDict of 100,000 cost each full collection milliseconds). Two generations of up
+        # to RECENT_DONE each: when the young one is full it becomes the old one and the old
+        # one is dropped, so forgetting costs nothing per call (trimming one dict copied
+        # 100,000 entries every 25,000 calls).
+        self._recent: dict[int | str, bool] = {}
+        self._recent_old: dict[int | str, bool] = {}
         self._links = Links()  # acceptance state per source journal (exactly-once)
         # key -> the decoded CALL record: taking a recent call needs no decoding, which was the
         # largest cost of sending and running calls. Tuples, not lists: the garbage collector
@@ -515,9 +517,18 @@ class Store:
             self._open[key] = call.attempt
 
     def _remember_done(self, done: list[StoredCall]) -> None:
-        """Remember completed calls for ``status`` (the last RECENT_DONE or more of them)."""
+        """Remember completed calls for ``status`` (the last RECENT_DONE or more of them): by
+        key, and a call accepted from a peer by its id there (its key here means nothing to
+        whoever asks)."""
         recent = self._recent
-        recent.update(zip(map(_KEY, done), map(_OUTBOUND, done), strict=True))
+        if not any(map(_ORIGIN, done)):
+            recent.update(zip(map(_KEY, done), map(_OUTBOUND, done), strict=True))
+        elif all(map(_ORIGIN, done)) and not any(map(_OUTBOUND, done)):
+            recent.update(zip(map(_ORIGIN, done), repeat(False)))
+        else:
+            for call in done:
+                recent[call.key if call.origin is None or call.outbound else call.origin] = (
+                    call.outbound)
         if len(recent) >= RECENT_DONE:
             self._recent_old, self._recent = recent, {}
 
@@ -759,11 +770,12 @@ class Store:
             self._append([K_PURGE, key])
 
     def status(self, call_id: str, source: str | None = None) -> CallStatus:
-        """Where the call with `call_id` is (DESIGN.md §1 `call_status`)."""
+        """Where the call with `call_id` is (DESIGN.md §1 `call_status`): one made here, or one
+        accepted from a peer, named by its id there."""
         with self._lock:
             key = self._key_of(call_id, source)
             if key is None:
-                return CallStatus("unknown")
+                return self._peer_status(call_id)
             if key in self._dead:
                 dead = self._dead[key]
                 return CallStatus("dead", dead[2], dead[5])
@@ -782,6 +794,66 @@ class Store:
             if outbound is not None or (ident is not None and ident[2]):
                 return CallStatus("executed", None, attempts)
             return CallStatus("unknown")
+
+    def _peer_status(self, call_id: str) -> CallStatus:
+        """Where a call accepted from a peer is, by its automatic id there,
+        "<source>:<journal>:<key>" (under _lock).
+
+        Nothing is kept per call for this: it is looked for among the dead letters and the calls
+        handed out, in the completions remembered (by that id), and in its source's queue, whose
+        calls from one journal are in the order of their keys there (a binary search, reading a
+        record per step). A call refused, or completed long ago, is unknown here.
+        """
+        source, _, rest = call_id.partition(":")
+        journal, _, wire = rest.partition(":")
+        if not (source and journal and wire.isdigit()) or source == self.cage_name:
+            return CallStatus("unknown")
+        if self._dead:
+            records = self._payloads(sorted(self._dead))  # dead letters are never cached
+            for key, fields in records.items():
+                if len(fields) > 11 and fields[11] == call_id:
+                    dead = self._dead[key]
+                    return CallStatus("dead", dead[2], dead[5])
+        for call in self._taken.values():
+            if call.origin == call_id and not call.outbound:
+                return CallStatus("accepted", None, call.attempt)
+        if call_id in self._recent or call_id in self._recent_old:
+            return CallStatus("executed", None, 0)
+        queue = self._queues.get((f"{source}_queue", False))
+        if queue is not None and queue.pending:
+            waiting = self._find_accepted(queue, f"{source}:{journal}:", int(wire))
+            if waiting is not None:
+                return CallStatus("accepted", None, self._attempts.get(waiting, 0))
+        return CallStatus("unknown")
+
+    def _find_accepted(self, queue: Queue, prefix: str, wire_key: int) -> int | None:
+        """The key of the call in `queue` whose id on its source is `prefix` + `wire_key`."""
+        if not queue.sorted:
+            queue.pending = deque(sorted(queue.pending))
+            queue.sorted = True
+        pending = queue.pending
+        low, high = 0, len(pending)
+        while low < high:  # calls of one source journal arrive, and wait, in key order
+            middle = (low + high) // 2
+            origin = self._origin_of(pending[middle])
+            if not origin.startswith(prefix) or not origin[len(prefix):].isdigit():
+                break  # calls from another journal of that source: look at each
+            found = int(origin[len(prefix):])
+            if found == wire_key:
+                return pending[middle]
+            if found < wire_key:
+                low = middle + 1
+            else:
+                high = middle
+        else:
+            return None
+        target = prefix + str(wire_key)
+        return next((key for key in pending if self._origin_of(key) == target), None)
+
+    def _origin_of(self, key: int) -> str:
+        """The id on its source of the pending call `key` ("" for a call made here)."""
+        record = self._peek(key)
+        return str(record[11]) if record is not None and len(record) > 11 else ""
 
     def _dead_key(self, call_id: str, source: str | None) -> int:
         """The key of the dead letter `call_id` (made by `source`, or by any cage)."""
@@ -933,16 +1005,23 @@ class Store:
         return report
 
     def _created_of(self, key: int, now: float) -> float:
-        """When the pending call `key` was made, from its record, leaving the cache as it is
-        (under _lock); `now` for a record not written yet (a call made a moment ago)."""
-        entry = self._cache.get(key)
-        record = msgpack.unpackb(entry, raw=False, use_list=False) if isinstance(entry, bytes) \
-            else entry
-        if record is None:
-            seq = self._moved.get(key, key)
-            for _, payload in self.journal.replay(seq, seq + 1):
-                record = msgpack.unpackb(payload, raw=False, use_list=False)
+        """When the pending call `key` was made, from its record (under _lock); `now` for a
+        record not written yet (a call made a moment ago)."""
+        record = self._peek(key)
         return now if record is None else float(record[9])
+
+    def _peek(self, key: int) -> tuple[Any, ...] | None:
+        """The CALL record of the pending call `key`, leaving the cache as it is (under _lock);
+        None for a record not written yet."""
+        entry = self._cache.get(key)
+        if isinstance(entry, bytes):
+            return _unpack_record(entry)  # type: ignore[no-any-return]
+        if entry is not None:
+            return entry
+        seq = self._moved.get(key, key)
+        for _, payload in self.journal.replay(seq, seq + 1):
+            return _unpack_record(payload)  # type: ignore[no-any-return]
+        return None
 
     def dead_letter_call(self, call_id: str, source: str | None = None) -> dict[str, Any]:
         """What the record of the dead letter `call_id` holds beyond ``dead_letters()``.
