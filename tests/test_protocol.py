@@ -1178,13 +1178,27 @@ def test_send_before_established_raises_local_error(event: SendEvent) -> None:
         conn.send(event)
 
 
-def test_send_after_clean_close_raises_local_error() -> None:
-    """Once the peer has gone, nothing but GOODBYE can be sent."""
+def test_after_a_clean_close_only_answers_and_goodbye_can_be_sent() -> None:
+    """A peer that closed its side still reads: ACK and RESPONSE may follow (what became of
+    what it sent), PING, BATCH and REQUEST may not; after an error or a GOODBYE, nothing."""
     conn = open_server()
-    conn.receive_data(b"")
-    assert drain(conn) == [ConnectionClosed()]
-    with pytest.raises(LocalProtocolError, match="connection is closed"):
-        conn.send(Ping())
+    assert conn.may_answer
+    conn.receive_data(frame([3, 0, [[1, "m", "f", b"", None, None, 1.0]]]))
+    conn.receive_data(b"")  # EOF
+    assert [type(event) for event in drain(conn)] == [Batch, ConnectionClosed]
+    assert conn.state == "closed" and conn.may_answer
+    assert conn.send(Ack(1, [])) == frame([4, 1, []])
+    for event in (Ping(), Batch(0, []), Request(1, "m", "f", b"", None)):
+        with pytest.raises(LocalProtocolError, match="connection is closed"):
+            conn.send(event)
+    conn.send(Goodbye("done"))
+    assert not conn.may_answer
+    with pytest.raises(LocalProtocolError, match="GOODBYE was already sent"):
+        conn.send(Ack(1, []))
+    failed = open_server()
+    failed.receive_data(raw_frame(b"\xc1"))
+    drain_until_error(failed, "malformed message")
+    assert not failed.may_answer
 
 
 @pytest.mark.parametrize(

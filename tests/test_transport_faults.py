@@ -422,10 +422,6 @@ def test_a_peer_that_closes_after_a_batch_is_not_taken_for_a_bad_peer(
     assert b.transport.counters["rejected_connections"] == 0 and not warnings, warnings
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pmq.protocol closes the whole connection at the peer's EOF and refuses to send after it, "
-    "so a half-closed peer gets no ACK for its last batch; the batch is durable and the peer "
-    "learns the high-water key when it connects again"))
 def test_a_peer_that_closes_after_a_batch_still_gets_its_ack(
     make_cage: Callable[..., pmq.Cage],
 ) -> None:

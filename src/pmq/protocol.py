@@ -18,6 +18,8 @@ Theory of operation:
   proof worthless on any other connection or in the other direction (no reflection, no replay).
 - GOODBYE may be sent, and received, once in any state (even mid-handshake or after an error),
   so a side that closes on purpose can tell the peer why. Nothing may follow it.
+- A clean EOF from the peer (between frames, after the handshake) ends what it sends, not what
+  it may read: ACKs and RESPONSEs may still be sent (``may_answer``), nothing else.
 - Flow control: each side counts the calls and argument bytes of BATCHes on this connection whose
   keys are above the last ACK.high sent (receiver) or received (sender). The receiver refuses a
   peer that goes over its advertised window; the sender refuses to send over the peer's window.
@@ -231,6 +233,7 @@ Event: TypeAlias = (
     Established | Batch | Ack | Request | Response | Ping | Pong | Goodbye | ConnectionClosed
 )
 SendEvent: TypeAlias = Batch | Ack | Request | Response | Ping | Goodbye
+_ANSWERS = (Ack, Response)  # what may still be sent to a peer that closed its side
 _call_key = itemgetter(0)
 
 
@@ -416,6 +419,16 @@ class Connection:
             return "closed"
         return "open" if self._established else "handshake"
 
+    @property
+    def may_answer(self) -> bool:
+        """Whether ACKs and RESPONSEs may be sent: while open, and after the peer closed its
+        side cleanly (EOF between frames, no GOODBYE): a half-closed peer still reads, and
+        learns what became of what it sent before."""
+        if self.state == "open":
+            return True
+        return (self._closed and self._established and self._failure is None
+                and not self._we_left and not self._they_left)
+
     def in_flight(self) -> tuple[int, int]:
         """``(calls, bytes of arguments)`` sent in BATCHes, not yet covered by a received ACK."""
         return self._out.calls, self._out.bytes
@@ -552,7 +565,8 @@ class Connection:
             )
         if self._we_left:
             raise LocalProtocolError(f"cannot send {name}: GOODBYE was already sent")
-        if type(event) is not Goodbye and self.state != "open":
+        if type(event) is not Goodbye and self.state != "open" and not (
+                type(event) in _ANSWERS and self.may_answer):
             if self._failure is not None:
                 why = f"the connection failed ({self._failure[1]})"
             else:

@@ -294,7 +294,7 @@ class Transport:
                 await self.store.journal.sync_async(target)
             if seq:
                 self._accepted()
-            if conn.state == "closed":  # the peer went away: it learns `high` when it returns
+            if not conn.may_answer:  # the peer went away: it learns `high` when it returns
                 continue
             writer.write(conn.send(protocol.Ack(high, refusals)))
 
