@@ -63,7 +63,9 @@ SAMPLE_MAX_SECONDS = 2 * QUICK_HANDLER_SECONDS  # a longer handler counts as thi
 # call than whole rounds (a settle, a DONE record and a round per batch), measured between two
 # cage processes; a call alone is still reported as soon as it returns.
 REPORT_CALLS = BATCH_CALLS
-WAKE_MORE_SECONDS = 0.005  # while jobs wait this long, another worker is woken
+# While jobs wait and none has started for this long, another worker is woken: twice Python's
+# switch interval, so a quick worker that merely waited for the GIL is not taken for stuck.
+WAKE_MORE_SECONDS = 0.010
 
 
 _tuple_new = tuple.__new__
@@ -227,7 +229,9 @@ class Dispatcher:
         self._workers_stop = False
         self._handler_seconds = 0.0  # moving mean of plain handlers' duration
         self.counters_buried = 0
-        self._woke_more = 0.0  # when the run loop last woke an extra worker
+        self._woke_more = 0.0  # when the run loop last looked at waiting jobs
+        self._jobs_total = 0  # jobs ever queued for workers
+        self._jobs_started = 0  # of them, taken by a worker at that last look
         self._results: list[_Run] = []
         self._results_lock = threading.Lock()
         self._signalled = False
@@ -312,13 +316,19 @@ class Dispatcher:
                 if self._retries and not self._stopping:
                     timeout = max(0.0, self._retries[0][0] - time.monotonic())
                 if self._jobs:
-                    # Calls are waiting for a worker: every WAKE_MORE_SECONDS wake one more, so
-                    # slow handlers spread over the pool while quick ones stay on one thread.
+                    # Calls are waiting for a worker: when no call started in the last
+                    # WAKE_MORE_SECONDS, the workers are all inside slow handlers; wake one
+                    # more, so slow handlers spread over the pool. Workers that did start calls
+                    # are making progress (quick handlers, however long they waited for the
+                    # GIL), and another would only fight them for it.
                     now = time.monotonic()
                     if now - self._woke_more >= WAKE_MORE_SECONDS:
+                        started = self._jobs_total - len(self._jobs)
+                        if started == self._jobs_started:
+                            with self._jobs_ready:
+                                self._jobs_ready.notify(1)
+                        self._jobs_started = started
                         self._woke_more = now
-                        with self._jobs_ready:
-                            self._jobs_ready.notify(1)
                     timeout = WAKE_MORE_SECONDS if timeout is None else min(timeout,
                                                                            WAKE_MORE_SECONDS)
                 try:
@@ -405,6 +415,7 @@ class Dispatcher:
             else:
                 self._jobs.append(run)
                 plain += 1
+        self._jobs_total += plain
         if plain:
             # A worker runs calls until the deque is empty: a batch of quick handlers is one
             # wake-up, not a thread switch per call. Slow handlers get a worker each (and the
