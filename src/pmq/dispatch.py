@@ -526,46 +526,45 @@ class Dispatcher:
         failed: list[StoredCall] = []
         first_attempt = self._first_attempt
         state = None
-        for run in results:
-            call = run
+        for call in results:
             if state is None or state.name != call.queue:
                 state = self._state(call.queue)
             state.running -= 1
             if call.crashes:
                 state.suspect_running = False
-            if run.outcome == "done":
+            if call.outcome == "done":
                 done.append(call)
                 if first_attempt:
                     first_attempt.pop(call.key, None)
                 continue
-            if run.outcome == "reject":
-                self._bury(call, "rejected", run.error)
+            if call.outcome == "reject":
+                self._bury(call, "rejected", call.error)
                 self.counters["rejected"] += 1
                 continue
             policy = state.policy
-            if run.outcome == "failed":
+            if call.outcome == "failed":
                 self.counters["failed"] += 1
                 log.error("call %s (%s.%s) failed on attempt %d:\n%s", call.call_id,
-                          call.module, call.method, call.attempt, run.error)
+                          call.module, call.method, call.attempt, call.error)
             else:
                 self.counters["retried"] += 1
                 log.debug("call %s asked to be retried (attempt %d)", call.call_id, call.attempt)
             if policy.max_attempts is not None and call.attempt >= policy.max_attempts:
                 self._bury(call, "max attempts",
                            f"{call.attempt} attempts failed (max_attempts "
-                           f"{policy.max_attempts}); last error:\n{run.error}")
+                           f"{policy.max_attempts}); last error:\n{call.error}")
                 self.counters["too_many_attempts"] += 1
                 continue
-            delay = run.retry_after
+            delay = call.retry_after
             if delay is None:
                 delay = policy.retry_delay(call.attempt, self._random)
             if call.deadline is not None and time.time() + delay > call.deadline:
-                self._bury(call, "expired",
-                           f"its deadline passes before the next attempt; last error:\n{run.error}")
+                self._bury(call, "expired", "its deadline passes before the next attempt; "
+                           f"last error:\n{call.error}")
                 self.counters["expired"] += 1
                 continue
             failed.append(call)
-            first_attempt.setdefault(call.key, run.first)
+            first_attempt.setdefault(call.key, call.first)
             state.held += 1
             heapq.heappush(self._retries, (time.monotonic() + delay, call.key, call))
         if done or failed:
