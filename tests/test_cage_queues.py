@@ -502,3 +502,36 @@ def test_one_long_pause_does_not_make_quick_handlers_slow() -> None:
     for _ in range(16):
         mean = _mean_duration(mean, 0.010)  # handlers that each block for 10 ms
     assert mean >= QUICK_HANDLER_SECONDS
+
+
+def test_a_handler_that_blocks_does_not_hold_up_the_quick_calls_behind_it(
+    make_cage: Callable[..., pmq.Cage],
+) -> None:
+    """Quick handlers run a round on one worker; when one of them blocks, the calls queued
+    behind it still run, on another worker, while it waits."""
+    gate = threading.Event()
+    ran = Log()
+
+    class Mod:
+        def block(self) -> None:
+            gate.wait(LIMIT_S)
+            ran.add("block")
+
+        def quick(self, n: int) -> None:
+            ran.add(n)
+
+    cage = make_cage(expose={"mod": Mod()}, workers=4)
+    with cage.transaction() as xa:  # the handlers are known to be quick
+        for n in range(100):
+            xa.on("loopback_queue").mod.quick(n)
+    ran.wait_for(100)
+    with cage.transaction() as xa:
+        xa.on("loopback_queue").mod.block()
+        for n in range(100, 120):
+            xa.on("loopback_queue").mod.quick(n)
+    try:
+        assert "block" not in ran.wait_for(120)
+    finally:
+        gate.set()
+    ran.wait_for(121)
+    cage.drain(timeout=LIMIT_S)
