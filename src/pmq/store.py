@@ -374,7 +374,7 @@ class Store:
         go), else read back from the journal.
 
         The common cases, every record cached and all of one form, run as C loops (this runs
-        for every call taken); anything else takes ``_payloads``' path per record.
+        for every call taken); anything else is sorted out record by record.
         """
         cache = self._cache
         entries: list[Any] = list(map(cache.pop, keys, repeat(None, len(keys))))
@@ -386,41 +386,31 @@ class Store:
         if forms == _BYTES:  # made here: encoded
             self._cache_bytes -= sum(map(len, entries)) + CACHE_ENTRY_BYTES * len(entries)
             return list(map(_unpack_record, entries))
-        # Back in the cache for _payloads, which sorts out each entry (none is lost: the
-        # popped entries are reinserted under the lock that every change to the cache holds).
-        cache.update((key, entry) for key, entry in zip(keys, entries, strict=True)
-                     if entry is not None)
-        found = self._payloads(keys)
-        return [found[key] for key in keys]
-
-    def _payloads(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
-        """The decoded CALL records of `keys`: from the cache (which lets them go), else read
-        back from the journal."""
-        found: dict[int, tuple[Any, ...]] = {}
-        missing: dict[int, int] = {}  # seq -> key
-        cache = self._cache
-        for key in keys:
-            entry = cache.pop(key, None)
+        missing: dict[int, int] = {}  # seq -> index in keys
+        for index, (key, entry) in enumerate(zip(keys, entries, strict=True)):
             if entry is None:
-                missing[self._moved.get(key, key)] = key
+                missing[self._moved.get(key, key)] = index
             elif isinstance(entry, bytes):
                 self._cache_bytes -= len(entry) + CACHE_ENTRY_BYTES
-                found[key] = _unpack_record(entry)
+                entries[index] = _unpack_record(entry)
             else:
                 self._cache_bytes -= len(entry[7]) + CACHE_OVERHEAD_BYTES
-                found[key] = entry
         if missing:
             seqs = sorted(missing)
             for run in _runs(seqs, gap=4096):
                 for seq, payload in self.journal.replay(run[0], run[-1] + 1):
                     if seq in missing:
-                        found[missing[seq]] = _unpack_record(payload)
-            lost = [missing[s] for s in seqs if missing[s] not in found]
+                        entries[missing[seq]] = _unpack_record(payload)
+            lost = [keys[missing[s]] for s in seqs if entries[missing[s]] is None]
             if lost:
                 raise JournalCorruption(
                     f"calls {lost[:5]} are pending but their records are not in the journal",
                     self.journal.directory, 0)
-        return found
+        return entries
+
+    def _payloads(self, keys: list[int]) -> dict[int, tuple[Any, ...]]:
+        """``_records`` by key."""
+        return dict(zip(keys, self._records(keys), strict=True))
 
     def begin_attempts(self, calls: Sequence[StoredCall]) -> int:
         """Record that `calls` are about to run; return the seq to wait for before running them."""
@@ -877,13 +867,9 @@ class Store:
         return int(key)
 
     def _id_of(self, fields: Sequence[Any], key: int) -> str:
-        """The id of the call in a CALL record: its user id, its id on the cage that made it,
-        or this cage's automatic id."""
-        if fields[4] is not None:
-            return str(fields[4])
-        if len(fields) > 11:
-            return str(fields[11])
-        return self._id_prefix + str(key)
+        """The id of the call in a CALL record (StoredCall's rule: its user id, its id on the
+        cage that made it, or this cage's automatic id)."""
+        return StoredCall(key, self._id_prefix, fields).call_id
 
     def _key_of(self, call_id: str, source: str | None = None) -> int | None:
         entry = self._ids.get((source or self.cage_name, call_id))
