@@ -306,6 +306,50 @@ def test_failed_fsync_refuses_new_calls_and_keeps_what_was_durable(
     assert again.call_status(acknowledged).state == "executed"
 
 
+def test_failed_attempt_fsync_on_a_worker_runs_no_handler(tmp_path: Path) -> None:
+    """A round of a peer's calls has its ATTEMPT record made durable by the worker that runs it
+    (docs/decisions.md): when that fsync fails, no handler runs, the dispatcher stops with the
+    error, and the calls are still there when the directory is opened again."""
+    import errno
+
+    from pmq import _journal
+    from pmq._codec import pack_arguments
+    from pmq._config import QueuePolicy
+    from pmq.dispatch import Dispatcher, Registry
+
+    ran = Log()
+
+    class Mod:
+        def f(self, n: int) -> None:
+            ran.add(n)
+
+    registry = Registry()
+    registry.expose("mod", Mod())
+    store = Store(str(tmp_path / "b"), "b")
+    dispatcher = Dispatcher(store, registry, lambda name: QueuePolicy(), cage=None, workers=2)
+    now = time.time()
+    calls = [(key, "mod", "f", pack_arguments([key], {}), None, None, now) for key in (1, 2, 3)]
+    try:
+        seq, high, _ = store.accept("a", b"\x01" * 16, calls, 0, lambda module, method: None)
+        assert high == 3
+        store.journal.sync(seq)
+        _journal._set_fault("sync", 1, errno.EIO)
+        try:
+            with pytest.raises(pmq.JournalFailed):
+                asyncio.run(asyncio.wait_for(dispatcher.run(), LIMIT_S))
+        finally:
+            _journal._clear_faults()
+        assert ran.items == []
+    finally:
+        store.close()
+
+    again = Store(str(tmp_path / "b"), "b")
+    try:
+        assert [call.arguments for call in again.take("a_queue", 10)] == [c[3] for c in calls]
+    finally:
+        again.close()
+
+
 # ---- one cage per directory ------------------------------------------------------------------
 
 
