@@ -81,7 +81,9 @@ class Transport:
         tls_server, tls_client: ssl contexts for accepting and connecting, or None.
         refuse: ``refuse(source, module, method)`` -> a reason to refuse a call, or None.
         serve: runs a synchronous call from a peer.
-        accepted: called after calls from a peer are durable (the cage wakes its dispatcher).
+        accepted: called when calls from a peer were appended to the journal (the cage wakes
+            its dispatcher, which may take them at once: no handler runs before its ATTEMPT
+            record, which comes later in the journal, is durable).
     """
 
     def __init__(self, cage: str, journal_id: bytes, store: Store, *,
@@ -241,6 +243,8 @@ class Transport:
                         source, established.journal_id, event.calls, event.settled,
                         lambda module, method: self._refuse(source, module, method))
                     self.counters["accepted_batches"] += 1
+                    if seq:
+                        self._accepted()
                     acks.put_nowait((seq, high, refusals))
                 elif isinstance(event, protocol.Request):
                     task = asyncio.ensure_future(self._answer(conn, writer, source, event))
@@ -292,8 +296,6 @@ class Transport:
             target = seq or self.store.journal.next_seq - 1
             if self.store.visible_seq() < target:
                 await self.store.journal.sync_async(target)
-            if seq:
-                self._accepted()
             if not conn.may_answer:  # the peer went away: it learns `high` when it returns
                 continue
             writer.write(conn.send(protocol.Ack(high, refusals)))
