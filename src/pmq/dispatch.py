@@ -710,9 +710,11 @@ class Dispatcher:
     def _bury(self, call: StoredCall, reason: str, detail: str) -> None:
         self.counters_buried += 1
         self._first_attempt.pop(call.key, None)
-        self.store.bury(call, reason, detail)
-        log.warning("call %s (%s.%s) moved to the dead letters: %s", call.call_id, call.module,
+        # Logged first: drain() returns the moment the store has buried the call, and whoever
+        # waited for that should find the line (a test missed it once, on a loaded machine).
+        log.warning("call %s (%s.%s) goes to the dead letters: %s", call.call_id, call.module,
                     call.method, reason)
+        self.store.bury(call, reason, detail)
 
 
 MAX_ERROR_CHARS = 60_000  # of a remote error's message and traceback (the wire's limit is 64 Ki)
