@@ -306,10 +306,15 @@ def test_failed_fsync_refuses_new_calls_and_keeps_what_was_durable(
     assert again.call_status(acknowledged).state == "executed"
 
 
-def test_failed_attempt_fsync_on_a_worker_runs_no_handler(tmp_path: Path) -> None:
+@pytest.mark.parametrize("accepted_durable", [True, False], ids=["accepted-durable",
+                                                               "accepted-appended"])
+def test_failed_attempt_fsync_on_a_worker_runs_no_handler(tmp_path: Path,
+                                                          accepted_durable: bool) -> None:
     """A round of a peer's calls has its ATTEMPT record made durable by the worker that runs it
     (docs/decisions.md): when that fsync fails, no handler runs, the dispatcher stops with the
-    error, and the calls are still there when the directory is opened again."""
+    error, and the calls are still there when the directory is opened again. The dispatcher
+    may take calls whose own records are only appended (``accepted-appended``): the failed
+    fsync is then the one that would have made them durable, and still nothing runs."""
     import errno
 
     from pmq import _journal
@@ -332,7 +337,8 @@ def test_failed_attempt_fsync_on_a_worker_runs_no_handler(tmp_path: Path) -> Non
     try:
         seq, high, _ = store.accept("a", b"\x01" * 16, calls, 0, lambda module, method: None)
         assert high == 3
-        store.journal.sync(seq)
+        if accepted_durable:
+            store.journal.sync(seq)
         _journal._set_fault("sync", 1, errno.EIO)
         try:
             with pytest.raises(pmq.JournalFailed):
