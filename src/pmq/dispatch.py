@@ -210,8 +210,8 @@ class _IdleWorkers:
     threading.Condition wakes the worker that has waited longest, so a stream of batches
     rotated through every worker of the pool; waking the one that went idle last keeps one
     worker busy (its stack and the handlers' objects still in the CPU's cache) and the rest
-    asleep. Between two cage processes a pool of one ran 5% more calls a second than the
-    rotating pool of 16; this pool now does as well.
+    asleep, as a pool of one would: between two cage processes that had run 5% more calls a
+    second than the rotating pool of 16.
     """
 
     __slots__ = ("_lock", "_sleeping", "stopped")
@@ -566,7 +566,7 @@ class Dispatcher:
         perf_counter = time.perf_counter
         mean = self._handler_seconds
         journal = self.store.journal
-        synced = 0  # journal.durable_seq as this worker last saw it
+        synced = 0  # the latest _attempts_seq this worker made durable
         started = perf_counter()
         while True:
             try:
