@@ -2,7 +2,7 @@
 
 Owns: the "CPU per call" figures of docs/performance.md. Run:
 ``.venv/bin/python bench/cpu_split.py`` (``--calls N``, ``--runs K``; ``--tally`` gives the
-receiver compare_remote's handler, which counts each call by its id; ``--backlog`` makes every
+receiver compare_remote's handler, which counts each call by its index; ``--backlog`` makes every
 call before the receiver starts, so the sender's CPU is its sending alone).
 
 Two cage processes on loopback at pmq's defaults (fsync on both before each acknowledgement):
@@ -37,7 +37,8 @@ def _receiver(calls: int, port: int, directory: str, tally: bool) -> None:
     count = [0]
 
     class Accounts:
-        def credit(self, account: int, amount: int, memo: str = "", sent: float = 0.0) -> None:
+        def credit(self, account: int, amount: int, memo: str = "", sent: float = 0.0,
+                   i: int = 0) -> None:
             count[0] += 1
             if count[0] == calls:
                 done.set()
@@ -48,8 +49,7 @@ def _receiver(calls: int, port: int, directory: str, tally: bool) -> None:
         import _remote_cases as rc
 
         counted = rc.Tally(target=calls, stall_s=30.0)
-        key, _ = rc._pmq_key_function()
-        accounts = rc.Accounts(counted, key=key)
+        accounts = rc.Accounts(counted, counts=True)
 
         def watch() -> None:
             while not counted.should_stop():
@@ -68,11 +68,11 @@ def _receiver(calls: int, port: int, directory: str, tally: bool) -> None:
 def _sender(calls: int, port: int, directory: str) -> None:
     with pmq.Cage("a", data_dir=directory, peers={"b": f"127.0.0.1:{port}"}) as cage:
         start = time.time()
-        for _ in range(calls // BATCH):
+        for made in range(0, calls // BATCH * BATCH, BATCH):
             with cage.transaction() as xa:
                 accounts = xa.on("b_queue").accounts
-                for _ in range(BATCH):
-                    accounts.credit(12345, amount=10, memo="x" * 40, sent=start)
+                for i in range(made, made + BATCH):  # i: the index compare_remote's calls carry
+                    accounts.credit(12345, amount=10, memo="x" * 40, sent=start, i=i)
         times = os.times()
         print(json.dumps({"start": start, "cpu": times.user + times.system}), flush=True)
         while cage.store is not None and cage.store.outstanding():
