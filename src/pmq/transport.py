@@ -483,9 +483,16 @@ class _Link:
     def _settle(self, ack: protocol.Ack) -> None:
         refused = dict(ack.refused)
         in_flight = self._in_flight
-        settled: list[StoredCall] = []
-        while in_flight and in_flight[0].key <= ack.high:
-            settled.append(in_flight.popleft())
+        settled: list[StoredCall]
+        if in_flight and in_flight[-1].key <= ack.high:
+            # The usual ACK covers everything sent (keys rise along the deque): moved whole,
+            # not popped call by call.
+            settled = list(in_flight)
+            in_flight.clear()
+        else:
+            settled = []
+            while in_flight and in_flight[0].key <= ack.high:
+                settled.append(in_flight.popleft())
         seq = self.transport.store.settle_outbound(self.queue, ack.high, refused, settled)
         transmitted = self.transport.counters
         transmitted["refused"] += len(refused)
