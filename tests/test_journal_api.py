@@ -854,6 +854,90 @@ def test_concurrent_producers_share_fsyncs(make_journal: Any) -> None:
         assert [by_seq[s] for s in seqs] == [b"%d:%d" % (t, i) for i in range(per_thread)]
 
 
+@pytest.mark.parametrize("durability", ["always", "interval", "never"])
+def test_every_waiter_returns_once_its_record_is_flushed_whoever_leads(
+    make_journal: Any, durability: str
+) -> None:
+    """Threads sleep on the flush that holds their record, and one of those a flush did not
+    take is woken to lead the next: 48 threads calling sync(seq), one calling sync() on
+    everything, one appending records big enough to be written out by a non-leader, and an
+    event loop awaiting sync_async, over 4 MiB segments (rolls wake everyone). Each returns
+    only with its record at the level the durability promises, and none is left asleep."""
+    journal = make_journal(segment_bytes=4 * MIB, durability=durability)
+    level = "durable_seq" if durability == "always" else "written_seq"
+    threads_n, per_thread = 48, 40
+    start = threading.Barrier(threads_n + 3)
+    acked: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def check(seq: int) -> None:
+        assert getattr(journal, level) >= seq, (level, getattr(journal, level), seq)
+
+    def produce(t: int) -> None:
+        try:
+            start.wait()
+            for i in range(per_thread):
+                payload = payload_for(t * 1000 + i, 40 + (t * 7 + i) % 300)
+                seq = journal.append(payload)
+                journal.sync(seq)
+                check(seq)
+                acked[seq] = payload
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    def sync_everything() -> None:
+        try:
+            start.wait()
+            for i in range(per_thread):
+                payload = payload_for(900_000 + i)
+                seq = journal.append(payload)
+                acked[seq] = payload
+                journal.sync()
+                check(seq)
+        except BaseException as error:
+            errors.append(error)
+
+    def append_big() -> None:
+        try:
+            start.wait()
+            for i in range(12):
+                payload = payload_for(800_000 + i, MIB)
+                acked[journal.append(payload)] = payload
+            journal.sync()
+        except BaseException as error:
+            errors.append(error)
+
+    def await_async() -> None:
+        async def main() -> None:
+            for i in range(per_thread):
+                payload = payload_for(700_000 + i, 64)
+                seq = journal.append(payload)
+                await journal.sync_async(seq)
+                check(seq)
+                acked[seq] = payload
+
+        try:
+            start.wait()
+            asyncio.run(main())
+        except BaseException as error:
+            errors.append(error)
+
+    workers = [threading.Thread(target=produce, args=(t,), daemon=True) for t in range(threads_n)]
+    workers += [threading.Thread(target=f, daemon=True)
+                for f in (sync_everything, append_big, await_async)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert [w.name for w in workers if w.is_alive()] == [], "left waiting"
+    assert errors == []
+    expected = sorted(acked.items())
+    assert [s for s, _ in expected] == list(range(1, len(expected) + 1))
+    assert len(journal.segments()) > 2
+    journal.sync()
+    assert replayed(journal) == expected
+
+
 def test_concurrent_producers_across_segment_rolls_keep_every_record(
     make_journal: Any, journal_dir: Path
 ) -> None:

@@ -388,7 +388,7 @@ cdef class Journal(_GroupCommit):
         new_base = self._written_seq + 1
         claim = self._durable_seq
         seal_off = self._write_off
-        pmq_cond_broadcast(&self._cv)
+        self._wake_all()
         pmq_mutex_unlock(&self._mu)
         spare = self._take_spare()        # StorageFull leaves everything as it was
         try:
@@ -644,7 +644,7 @@ cdef class Journal(_GroupCommit):
                 error = exc
         pmq_mutex_lock(&self._mu)
         self._closed = True
-        pmq_cond_broadcast(&self._cv)
+        self._wake_all()
         pmq_cond_broadcast(&self._async_cv)
         pmq_mutex_unlock(&self._mu)
         if self._stop_event is not None:

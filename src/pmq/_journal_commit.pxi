@@ -21,7 +21,15 @@ cdef class _GroupCommit:
     """Appends, leadership and durability waiting; Journal adds the files around it."""
 
     cdef pmq_mutex_t _mu
-    cdef pmq_cond_t _cv                 # durability advanced, or leadership was released
+    cdef pmq_cond_t _cv                 # leadership was released, or the journal failed/closed
+    # Threads waiting in _wait_for for a flush to end sleep on the condition of that flush's
+    # parity: those its swap took wake when it ends, and one of the others to lead the next.
+    # A broadcast of one condition to every waiter per flush made each fsync wake all of
+    # them (64 threads calling execute: 7 context switches and 76 µs of CPU per call).
+    cdef pmq_cond_t _cv_even, _cv_odd
+    cdef int _sleeping[2]               # threads asleep on each of them
+    cdef uint64_t _flush_gen            # flushes swapped so far (parity: the condition)
+    cdef int64_t _flush_upto            # the last seq the latest swapped flush holds
     cdef pmq_cond_t _async_cv           # the asyncio flusher has a new target (or must stop)
     cdef bint _sync_ready
     cdef unsigned char* _pend          # frames appended since the last swap (mutex)
@@ -55,6 +63,8 @@ cdef class _GroupCommit:
         self._frame_off = -1
         pmq_mutex_init(&self._mu)
         pmq_cond_init(&self._cv)
+        pmq_cond_init(&self._cv_even)
+        pmq_cond_init(&self._cv_odd)
         pmq_cond_init(&self._async_cv)
         self._sync_ready = True
 
@@ -65,6 +75,8 @@ cdef class _GroupCommit:
         free(self._wbuf)
         if self._sync_ready:
             pmq_cond_destroy(&self._cv)
+            pmq_cond_destroy(&self._cv_even)
+            pmq_cond_destroy(&self._cv_odd)
             pmq_cond_destroy(&self._async_cv)
             pmq_mutex_destroy(&self._mu)
 
@@ -150,6 +162,8 @@ cdef class _GroupCommit:
         self._wbuf_cap = cap
         upto = self._next_seq - 1
         claim = self._durable_seq
+        self._flush_gen += 1
+        self._flush_upto = upto
         pmq_mutex_unlock(&self._mu)
         if n > 0:
             while off < n:
@@ -194,8 +208,33 @@ cdef class _GroupCommit:
             self._failed = True
             self._fail_op = op
             self._fail_errno = err
-        pmq_cond_broadcast(&self._cv)
+        self._wake_all()
         pmq_cond_broadcast(&self._async_cv)
+
+    cdef pmq_cond_t* _flush_cv(self, int parity) noexcept nogil:
+        return &self._cv_odd if parity else &self._cv_even
+
+    cdef void _wake_all(self) noexcept nogil:
+        """Wake every thread waiting for durability or leadership (mutex held): the levels
+        moved outside a flush (a segment roll), or the journal failed or closed."""
+        pmq_cond_broadcast(&self._cv)
+        pmq_cond_broadcast(&self._cv_even)
+        pmq_cond_broadcast(&self._cv_odd)
+
+    cdef void _wake_after_flush(self) noexcept nogil:
+        """Leadership was just released (mutex held): wake the threads the latest flush took,
+        one of those it did not (to lead the next flush; the rest wait for that one to end),
+        and whoever waits to lead.
+
+        Liveness: whenever anyone sleeps in _wait_for, a release wakes at least one of them,
+        and a thread sleeps there only while someone leads.
+        """
+        cdef int done = <int>(self._flush_gen & 1)
+        if self._sleeping[done]:
+            pmq_cond_broadcast(self._flush_cv(done))
+        if self._sleeping[1 - done]:
+            pmq_cond_signal(self._flush_cv(1 - done))
+        pmq_cond_broadcast(&self._cv)
 
     cdef int _acquire_leadership(self) noexcept nogil:
         pmq_mutex_lock(&self._mu)
@@ -211,12 +250,13 @@ cdef class _GroupCommit:
     cdef void _release_leadership(self) noexcept nogil:
         pmq_mutex_lock(&self._mu)
         self._leader = False
-        pmq_cond_broadcast(&self._cv)
+        self._wake_after_flush()
         pmq_mutex_unlock(&self._mu)
 
     cdef int _wait_for(self, int64_t seq, bint durable) noexcept nogil:
         """Return once `seq` is durable (or written); lead a flush when nobody else is."""
         cdef int64_t level
+        cdef int parity
         pmq_mutex_lock(&self._mu)
         while True:
             if self._failed:
@@ -232,9 +272,15 @@ cdef class _GroupCommit:
                 self._lead_flush(durable)
                 pmq_mutex_lock(&self._mu)
                 self._leader = False
-                pmq_cond_broadcast(&self._cv)
+                self._wake_after_flush()
                 continue
-            pmq_cond_wait(&self._cv, &self._mu)
+            # Someone leads: sleep until the flush that holds seq ends, the one under way if
+            # its swap took seq, else the next (whose leader is woken among us).
+            parity = <int>(self._flush_gen & 1) if seq <= self._flush_upto else <int>(
+                (self._flush_gen + 1) & 1)
+            self._sleeping[parity] += 1
+            pmq_cond_wait(self._flush_cv(parity), &self._mu)
+            self._sleeping[parity] -= 1
 
     cdef int _flush_now(self, bint durable) except -1:
         """Write (and fsync) whatever is pending, including control frames that take no seq."""
