@@ -19,6 +19,7 @@ import functools
 import importlib
 import ipaddress
 import logging
+import operator
 import os
 import ssl
 import threading
@@ -406,7 +407,8 @@ class Cage:
         ids, seq = store.enqueue(calls, self._limit)
         if seq:
             store.journal.sync(seq)
-            self._notify()
+            outbound = calls[0][1]
+            self._notify(not outbound, outbound)
         return ids[0]
 
     def _asubmit(self, spec: MethodRef[Any], args: tuple[Any, ...],
@@ -462,10 +464,13 @@ class Cage:
             except QueueFull:
                 await asyncio.sleep(0.05)  # wait=True: back-pressure reaches the caller as a wait
 
-    def _notify(self) -> None:
-        if self.dispatcher is not None:
+    def _notify(self, local: bool = True, outbound: bool = True) -> None:
+        """Calls were stored: wake the dispatcher if some are this cage's to run (`local`),
+        the links if some go to peers (`outbound`); from any thread. Each wake-up from another
+        thread is a hop to the event loop, which the other part does not need."""
+        if local and self.dispatcher is not None:
             self.dispatcher.notify()
-        if self.transport is not None:
+        if outbound and self.transport is not None:
             self.transport.notify()
 
     def transaction(self) -> Transaction:
@@ -549,6 +554,7 @@ class Transaction:
         self._cage = cage
         self._calls: list[NewCallFields] = []
         self._ids: Sequence[str] = ()
+        self._local = self._outbound = False  # what the commit stored: who to wake
         # The cage's encoder appends straight to this transaction's list: no frame in between.
         self._proxy: Proxy[None] = Proxy(functools.partial(cage._new_call, self._calls),
                                          queued_only=True)
@@ -570,6 +576,8 @@ class Transaction:
             return 0
         ids, seq = self._cage._store().enqueue(self._calls, self._cage._limit)
         self._ids = ids
+        routes = set(map(_OUTBOUND, self._calls))
+        self._local, self._outbound = False in routes, True in routes
         self._calls.clear()
         return seq
 
@@ -583,7 +591,7 @@ class Transaction:
         seq = self._commit_begin()
         if seq:
             self._cage._store().journal.sync(seq)
-            self._cage._notify()
+            self._cage._notify(self._local, self._outbound)
 
     @property
     def call_ids(self) -> list[str]:
@@ -600,10 +608,11 @@ class Transaction:
         seq = self._commit_begin()
         if seq:
             await self._cage._store().journal.sync_async(seq)
-            self._cage._notify()
+            self._cage._notify(self._local, self._outbound)
 
 
 _running_loop = running_loop
+_OUTBOUND = operator.itemgetter(1)  # of a NewCallFields
 
 
 def _import(target: str) -> object:
