@@ -24,8 +24,8 @@ cdef class _GroupCommit:
     cdef pmq_cond_t _cv                 # leadership was released, or the journal failed/closed
     # Threads waiting in _wait_for for a flush to end sleep on the condition of that flush's
     # parity: those its swap took wake when it ends, and one of the others to lead the next.
-    # A broadcast of one condition to every waiter per flush made each fsync wake all of
-    # them (64 threads calling execute: 7 context switches and 76 µs of CPU per call).
+    # One condition broadcast per flush woke every waiter at each fsync, most of them to
+    # sleep again: a context switch each (docs/decisions.md).
     cdef pmq_cond_t _cv_even, _cv_odd
     cdef int _sleeping[2]               # threads asleep on each of them
     cdef uint64_t _flush_gen            # flushes swapped so far (parity: the condition)
