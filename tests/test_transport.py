@@ -215,6 +215,48 @@ def test_queued_loopback_and_rpc_calls_flow_both_ways_between_two_cages(
     assert b.execute.on("a", timeout=LIMIT_S).accounts.balance(8) == 100
 
 
+def test_calls_made_from_many_threads_at_once_are_all_sent_and_run_without_a_keepalive(
+    make_cage: MakeCage, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads making calls to a peer and to the cage itself at the same time: each call wakes
+    the part that handles it, or rides a wake-up already on its way (they coalesce), and none is
+    left waiting for the link's keepalive or for an idle connection to be dropped and made again
+    (both pushed out of the test's reach here)."""
+    from pmq import transport
+
+    monkeypatch.setattr(transport, "KEEPALIVE_S", 10 * LIMIT_S)
+    monkeypatch.setattr(transport, "IDLE_TIMEOUT_S", 10 * LIMIT_S)
+    acc_a, acc_b = Accounts(), Accounts()
+    b = make_cage("b", listen="127.0.0.1:0", expose={"accounts": acc_b})
+    a = make_cage("a", peers={"b": at(b)}, expose={"accounts": acc_a})
+    threads_n, per_thread = 24, 25
+    start = threading.Barrier(threads_n)
+    made: dict[str, list[str]] = {"b_queue": [], "loopback_queue": []}
+    errors: list[BaseException] = []
+
+    def make(t: int) -> None:
+        queue = "loopback_queue" if t % 4 == 0 else "b_queue"
+        try:
+            start.wait()
+            ids = [a.execute.on(queue).accounts.credit(t, amount=i) for i in range(per_thread)]
+            made[queue].extend(ids)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    workers = [threading.Thread(target=make, args=(t,)) for t in range(threads_n)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(LIMIT_S)
+    assert errors == []
+    acc_b.log.wait_for(len(made["b_queue"]))
+    acc_a.log.wait_for(len(made["loopback_queue"]))
+    a.drain(timeout=LIMIT_S)
+    b.drain(timeout=LIMIT_S)
+    assert acc_b.ids() == Counter(made["b_queue"])
+    assert acc_a.ids() == Counter(made["loopback_queue"])
+
+
 def test_a_handler_reaches_a_peer_through_pmq_execute(make_cage: MakeCage) -> None:
     """pmq.execute in a handler makes RPCs and queued calls to a peer; id= gets the parent's id."""
     acc_b = Accounts()
